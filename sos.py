@@ -1,0 +1,794 @@
+#!/usr/bin/env python3
+"""sos-server: the public face of SOS (Simple Object Storage).
+
+Clients upload to one port and download from another, so a firewall can
+allow the world to read and only some hosts to write:
+
+    POST /upload             (upload port, 9991) store the body; the id is
+                             its SHA-1.  200 {"id", "size", "status": "OK",
+                             "copies": N} once N blob-servers hold it on disk;
+                             411 no length, 413 too large, 503 nowhere to
+                             store it.
+    GET|HEAD /fetch/<id>[.ext] (download port, 9992) the bytes, with
+                             Content-Type (X-Mime-Type, else from .ext),
+                             ETag, Range (206/416), 304, the blob's X-*
+                             headers; 404 when every blob-server asked said
+                             "not here", 503 when some could not be asked.
+
+sos-server keeps no state: blobs live on blob-servers (blob.py), which are
+arranged in groups.  Each blob belongs to one group, picked by rendezvous
+hashing of its id over the groups' weights, and every member of that group
+should hold a copy.  An upload goes to the members of its group in parallel
+and is acknowledged once --copies of them have it durably; if the group
+can't take it (members down or full), the next group in the blob's placement
+order does.  A fetch asks the blob's own group first, so it costs one hop in
+the common case, and falls back to the other groups only on a miss.
+Every byte served is checked against the id (see Cluster.fetch).
+
+The cluster model here (configuration, groups, placement) is what replicate.py
+imports: it exists once.  Run it as:
+
+    sos-server -blob-server http://localhost:4001,http://localhost:4002
+"""
+
+import hashlib
+import http.client
+import json
+import logging
+import math
+import mimetypes
+import os
+import socket
+import ssl
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, FIRST_COMPLETED, wait
+from http import HTTPStatus
+from urllib.parse import urlsplit
+
+from blob import (VERSION, CHUNK, ArgumentParser, BadMetadata, HTTPError,
+                  Handler, Server, blob_metadata, content_hash, not_modified,
+                  parse_size, serve, setup_logging, valid_id)
+
+CONFIG_FILES = ("/etc/sos.conf", "~/.sos.conf")
+DEFAULT_GROUP = "default"
+CONNECT_TIMEOUT = 2.0
+READ_TIMEOUT = 60.0
+HEALTH_EVERY = 5.0        # seconds between /stats polls of each blob-server
+SPOOL_IN_MEMORY = 1 << 20
+DEFAULT_MAX_UPLOAD = "5G"
+DEFAULT_VERIFY_LIMIT = "1M"
+
+log = logging.getLogger("sos")
+
+
+# --- Cluster model: configuration, groups, placement ------------------------
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the file and line."""
+
+
+class Group:
+    """A set of blob-servers that each hold every blob of the group."""
+
+    def __init__(self, name, members=(), weight=1.0):
+        self.name = name
+        self.members = list(members)
+        self.weight = weight
+
+    def __repr__(self):
+        return "Group(%r, %r, weight=%r)" % (self.name, self.members, self.weight)
+
+
+def check_url(url):
+    """Return url without a trailing slash if it names an HTTP(S) server."""
+    try:
+        parts = urlsplit(url)
+        parts.port
+    except ValueError:
+        parts = None
+    if not parts or parts.scheme not in ("http", "https") or not parts.hostname \
+            or parts.path not in ("", "/") or parts.query:
+        raise ValueError("not a blob-server URL: %r" % url)
+    return url.rstrip("/")
+
+
+def parse_config(text, filename="<config>"):
+    """Parse a configuration file into a list of Groups.
+
+    Two formats, as in the Go original: a plain list of URLs (one group,
+    "default"), or INI-style sections `[name]` whose `key: URL` lines are the
+    members (the documents write the key as `-`).  Ours adds an optional
+    `weight = N` line to a section.  `#` starts a comment.
+    """
+    groups = {}
+    sectioned = "[" in text
+    current = None if sectioned else DEFAULT_GROUP
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = "%s:%d" % (filename, lineno)
+        if sectioned and line.startswith("["):
+            if not line.endswith("]") or not line[1:-1].strip():
+                raise ConfigError("%s: bad section header %r" % (where, line))
+            current = line[1:-1].strip()
+            groups.setdefault(current, Group(current))
+            continue
+        if current is None:
+            raise ConfigError("%s: %r before the first [group]" % (where, line))
+        group = groups.setdefault(current, Group(current))
+        key, eq, value = line.partition("=")
+        try:
+            if sectioned and eq and key.strip().lower() == "weight":
+                group.weight = float(value)
+                if not (group.weight > 0 and math.isfinite(group.weight)):
+                    raise ValueError("weight must be a positive number")
+                continue
+            url = line
+            if sectioned and not line.startswith(("http://", "https://")):
+                key, colon, url = line.partition(":")
+                if not colon:
+                    raise ValueError("expected '-: http://host:port' or 'weight = N'")
+            group.members.append(check_url(url.strip()))
+        except ValueError as e:
+            raise ConfigError("%s: %s" % (where, e)) from None
+    return list(groups.values())
+
+
+def merge_groups(*lists):
+    """Add groups together by name, keeping first-seen order, as the original
+    does with /etc/sos.conf and ~/.sos.conf."""
+    merged = {}
+    for groups in lists:
+        for g in groups:
+            into = merged.setdefault(g.name, Group(g.name, weight=g.weight))
+            into.members += [m for m in g.members if m not in into.members]
+            if g.weight != 1.0:
+                into.weight = g.weight
+    return [g for g in merged.values() if g.members]
+
+
+def load_groups(blob_servers=None, config=None):
+    """Groups from -blob-server URLs, a --config file, or the default files.
+
+    Raises ConfigError (naming the file and line) or if no server is found."""
+    if blob_servers:
+        try:
+            groups = [Group(DEFAULT_GROUP, [check_url(u.strip()) for u in
+                                            blob_servers.split(",") if u.strip()])]
+        except ValueError as e:
+            raise ConfigError("-blob-server: %s" % e) from None
+    else:
+        paths = [config] if config else [os.path.expanduser(p) for p in CONFIG_FILES]
+        lists = []
+        for path in paths:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    lists.append(parse_config(f.read(), path))
+            except FileNotFoundError:
+                if config:
+                    raise ConfigError("%s: no such file" % path) from None
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError("%s: %s" % (path, e)) from None
+        groups = merge_groups(*lists)
+    if not any(g.members for g in groups):
+        raise ConfigError("no blob-servers configured: give -blob-server URL,URL "
+                          "or list them in /etc/sos.conf or ~/.sos.conf")
+    return groups
+
+
+def rank(key, items, name=lambda x: x, weight=lambda x: 1.0):
+    """Order items by weighted rendezvous (highest-random-weight) hashing.
+
+    Each item scores weight / -ln(u), u uniform in (0, 1) from SHA-1 of
+    (item name, key); the highest score comes first.  The order depends only
+    on the key and the items, never on live state, so every sos-server and
+    replicate agree, and adding a group moves only the blobs it wins.
+    """
+    def score(item):
+        h = hashlib.sha1(("%s\0%s" % (name(item), key)).encode()).digest()
+        u = (int.from_bytes(h[:8], "big") + 0.5) / 2.0 ** 64
+        return weight(item) / -math.log(u)
+    return sorted(items, key=score, reverse=True)
+
+
+def placement(blob_id, groups):
+    """The groups in the order blob_id should be stored in and fetched from."""
+    return rank(blob_id, groups, lambda g: g.name, lambda g: g.weight)
+
+
+# --- Talking to blob-servers --------------------------------------------------
+
+class Reply:
+    """A blob-server's answer: status, headers, and a body to read or stream.
+
+    close() hands the connection back to the pool when the body was read to
+    its end, and drops it otherwise.  Always close a Reply."""
+
+    def __init__(self, pool, url, conn, resp):
+        self.pool, self.url, self.conn, self.resp = pool, url, conn, resp
+        self.status = resp.status
+        self.headers = resp.headers
+
+    def read(self, n=None):
+        return self.resp.read(n)
+
+    def json(self):
+        try:
+            return json.loads(self.read())
+        finally:
+            self.close()
+
+    def close(self):
+        if self.conn is None:
+            return
+        if self.resp.isclosed() and not self.resp.will_close:
+            self.pool.put(self.url, self.conn)
+        else:
+            self.conn.close()
+        self.conn = None
+
+
+class Pool:
+    """Keep-alive connections to blob-servers, reused across requests.
+
+    The original opened a connection per request; reuse saves a handshake and
+    a thread start on the server for every fetch.
+    """
+
+    def __init__(self, connect_timeout=CONNECT_TIMEOUT, timeout=READ_TIMEOUT,
+                 token=None, ssl_context=None):
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self.token = token
+        self.ssl_context = ssl_context or ssl.create_default_context()
+        self._idle = {}
+        self._lock = threading.Lock()
+
+    def put(self, url, conn):
+        with self._lock:
+            idle = self._idle.setdefault(url, [])
+            if len(idle) < 64:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def _connection(self, url):
+        with self._lock:
+            idle = self._idle.get(url)
+            if idle:
+                return idle.pop(), True
+        parts = urlsplit(url)
+        if parts.scheme == "https":
+            conn = http.client.HTTPSConnection(parts.hostname, parts.port,
+                                               timeout=self.connect_timeout,
+                                               context=self.ssl_context)
+        else:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port,
+                                              timeout=self.connect_timeout)
+        conn.connect()
+        conn.sock.settimeout(self.timeout)
+        return conn, False
+
+    def request(self, url, method, path, body=None, headers=None):
+        """Send a request to the blob-server at url; returns a Reply.
+
+        body is None, bytes, or a callable returning a fresh iterable of
+        chunks (so a request on a stale keep-alive connection can be resent).
+        Raises OSError (incl. timeouts) and http.client.HTTPException when the
+        server can't be reached or answers nonsense."""
+        headers = dict(headers or {})
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
+        for attempt in (1, 2):
+            conn, reused = self._connection(url)
+            try:
+                data = body() if callable(body) else body
+                conn.request(method, path, data, headers)
+                return Reply(self, url, conn, conn.getresponse())
+            except (http.client.RemoteDisconnected, BrokenPipeError,
+                    ConnectionResetError):
+                conn.close()
+                if not reused or attempt == 2:
+                    raise
+            except BaseException:
+                conn.close()
+                raise
+
+
+# --- The cluster ----------------------------------------------------------------
+
+class Cluster:
+    """Stores and fetches blobs across groups of blob-servers.
+
+    Knows nothing of the sos-server's own HTTP: uploads come in as a spooled
+    body, fetches go out as (status, headers, chunks).  The only state is a
+    cache of each blob-server's health, refreshed in the background; it
+    orders retries but never decides placement.
+    """
+
+    def __init__(self, groups, copies=2, strict=False, verify_limit=1 << 20,
+                 pool=None):
+        self.groups = groups
+        self.copies = copies
+        self.strict = strict
+        self.verify_limit = verify_limit
+        self.pool = pool or Pool()
+        self.health = {m: {"up": True, "full": False} for g in groups
+                       for m in g.members}
+        self.counters = dict.fromkeys(("corrupt", "failovers", "partial"), 0)
+        self.executor = ThreadPoolExecutor(max_workers=64,
+                                           thread_name_prefix="upstream")
+
+    def count(self, name):
+        self.counters[name] += 1
+
+    # Health.
+
+    def check(self, member):
+        """Poll one blob-server's /stats (or /alive, for the original)."""
+        state = {"up": False, "full": False, "checked": time.time()}
+        start = time.monotonic()
+        try:
+            reply = self.pool.request(member, "GET", "/stats")
+            if reply.status == HTTPStatus.OK:
+                state.update(reply.json())
+                state["up"] = True
+            else:
+                reply.close()
+                reply = self.pool.request(member, "GET", "/alive")
+                reply.read()
+                reply.close()
+                state["up"] = reply.status == HTTPStatus.OK
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            state["error"] = str(e) or type(e).__name__
+        state["latency_ms"] = round((time.monotonic() - start) * 1000, 1)
+        was = self.health.get(member, {})
+        if was.get("up", True) != state["up"]:
+            log.warning("blob-server %s is %s", member, "up" if state["up"] else
+                        "DOWN (%s)" % state.get("error", "bad reply"))
+        self.health[member] = state
+        return state
+
+    def check_all(self):
+        members = [m for g in self.groups for m in g.members]
+        list(self.executor.map(self.check, members))
+
+    def watch_health(self, every=HEALTH_EVERY):
+        def loop():
+            while True:
+                self.check_all()
+                time.sleep(every)
+        threading.Thread(target=loop, daemon=True, name="health").start()
+
+    def usable(self, member):
+        h = self.health.get(member, {})
+        return h.get("up", True) and not h.get("full")
+
+    def members(self, blob_id, group):
+        """A group's members to ask for blob_id: healthy ones first."""
+        ranked = rank(blob_id, group.members)
+        return sorted(ranked, key=lambda m: not self.usable(m))
+
+    # Upload.
+
+    def store(self, body, size, blob_id, meta):
+        """Store a spooled body under blob_id; returns the number of copies.
+
+        body is bytes or a file (read with pread, never moved).  Raises
+        Unavailable when nothing could be stored (or, with strict, fewer
+        than the required copies)."""
+        best = 0
+        order = placement(blob_id, self.groups)
+        # Groups known to be full or down go last, but are still tried:
+        # health may be stale, and a late copy beats no copy.
+        order.sort(key=lambda g: sum(map(self.usable, g.members)) <
+                   min(self.copies, len(g.members)))
+        for i, group in enumerate(order):
+            need = min(self.copies, len(group.members))
+            made = self._store_in_group(group, body, size, blob_id, meta, need)
+            if made >= need:
+                if i:
+                    self.count("failovers")
+                    log.info("%s: stored in group %s after %d group(s) could not "
+                             "take it", blob_id, group.name, i)
+                return made
+            best = max(best, made)
+        if best and not self.strict:
+            self.count("partial")
+            log.warning("%s: stored with only %d copy(ies); replicate will "
+                        "complete it", blob_id, best)
+            return best
+        raise Unavailable("could not store %d copies in any group (best: %d)"
+                          % (self.copies, best))
+
+    def _store_in_group(self, group, body, size, blob_id, meta, need):
+        """Send the blob to every member of group in parallel; return as soon
+        as `need` have it (the rest finish in the background) or all ended."""
+        headers = dict(meta, **{"Content-Length": str(size)})
+        # Each sender gets its own descriptor: stragglers still sending when
+        # we return must not read a closed (or reused) one.
+        futures = [self.executor.submit(
+            self._send, member, body if isinstance(body, bytes) else
+            os.dup(body.fileno()), size, blob_id, headers)
+            for member in self.members(blob_id, group)]
+        made = 0
+        pending = set(futures)
+        while pending and made < need:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            made += sum(f.result() for f in done)
+        return made
+
+    def _send(self, member, body, size, blob_id, headers):
+        """POST the blob (bytes, or a file descriptor this closes) to one
+        member; True if it is now durably there."""
+        def data():
+            for offset in range(0, size, CHUNK):
+                yield os.pread(body, CHUNK, offset)
+        try:
+            reply = self.pool.request(member, "POST", "/blob/" + blob_id,
+                                      body if isinstance(body, bytes) else data,
+                                      headers)
+            answer = reply.read()
+            reply.close()
+        except (OSError, http.client.HTTPException) as e:
+            log.warning("upload of %s to %s failed: %s", blob_id, member, e)
+            self.health[member] = dict(self.health.get(member, {}), up=False,
+                                       error=str(e))
+            return False
+        finally:
+            if not isinstance(body, bytes):
+                os.close(body)
+        if reply.status == HTTPStatus.INSUFFICIENT_STORAGE:
+            self.health[member] = dict(self.health.get(member, {}), full=True)
+            log.warning("upload of %s to %s: disk full", blob_id, member)
+            return False
+        if reply.status != HTTPStatus.OK:
+            log.warning("upload of %s to %s: %d %s", blob_id, member,
+                        reply.status, answer[:200])
+            return False
+        log.debug("stored %s on %s", blob_id, member)
+        return True
+
+    # Fetch.
+
+    def fetch(self, blob_id, method="GET", headers=None):
+        """Find blob_id: returns (status, headers, length or None, Body).
+
+        Asks the blob's own group first, then the others.  A copy whose bytes
+        don't match the id is never passed off as good: up to verify_limit
+        bytes it is read and checked before anything is sent, and a bad copy
+        falls over to the next member; a larger one is hashed as it streams
+        and its last chunk withheld if the hash is wrong, so the client sees
+        a truncated transfer, not a bad 200.  Ranged reads are passed through
+        unverified.  Raises Missing (every server said 404) or Unavailable.
+        The caller closes the Body.
+        """
+        headers = headers or {}
+        forward = {k: v for k, v in headers.items() if k in ("range", "if-range")}
+        unasked = []
+        for group in placement(blob_id, self.groups):
+            for member in self.members(blob_id, group):
+                try:
+                    reply = self.pool.request(member, method, "/blob/" + blob_id,
+                                              headers=forward)
+                except (OSError, http.client.HTTPException) as e:
+                    log.warning("fetch of %s from %s failed: %s", blob_id, member, e)
+                    self.health[member] = dict(self.health.get(member, {}),
+                                               up=False, error=str(e))
+                    unasked.append(member)
+                    continue
+                log.debug("fetch of %s from %s: %d", blob_id, member, reply.status)
+                if reply.status == HTTPStatus.NOT_FOUND:
+                    reply.read()
+                    reply.close()
+                    continue
+                if reply.status not in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT,
+                                        HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE):
+                    log.warning("fetch of %s from %s: status %d", blob_id, member,
+                                reply.status)
+                    reply.close()
+                    unasked.append(member)
+                    continue
+                found = self._open(blob_id, member, method, reply)
+                if found:
+                    return found
+                unasked.append(member)
+        if unasked:
+            raise Unavailable("%s: could not ask %s" % (blob_id, ", ".join(unasked)))
+        raise Missing(blob_id)
+
+    def _open(self, blob_id, member, method, reply):
+        """Turn a blob-server reply into fetch()'s answer, or None if the
+        copy is corrupt."""
+        meta = [(k, v) for k, v in reply.headers.items()
+                if k.lower().startswith("x-") or k.lower() == "content-range"]
+        length = reply.headers.get("Content-Length")
+        length = int(length) if length and length.isdigit() else None
+        hasher = content_hash(blob_id)
+        if method == "HEAD" or reply.status != HTTPStatus.OK or not hasher:
+            return reply.status, meta, length, Body(reply)
+        h = hasher()
+        head = bytearray()
+        chunk = b""
+        while len(head) <= self.verify_limit:
+            chunk = reply.read(CHUNK)
+            if not chunk:
+                break
+            head += chunk
+        h.update(head)
+        if chunk:
+            return reply.status, meta, length, Body(reply, bytes(head), h, blob_id)
+        reply.close()
+        if h.hexdigest() != blob_id:
+            self.count("corrupt")
+            log.error("CORRUPT copy of %s on %s (%d bytes): trying another",
+                      blob_id, member, len(head))
+            return None
+        return reply.status, meta, len(head), Body(None, bytes(head))
+
+
+class Body:
+    """A fetched blob's bytes: iterate to stream them, and always close.
+
+    With a hasher, the last chunk is held back until the whole body hashed to
+    the id; a mismatch raises Corrupt instead, so the client never receives a
+    complete, wrong body."""
+
+    def __init__(self, reply=None, first=b"", hasher=None, blob_id=None):
+        self.reply, self.first, self.hasher, self.blob_id = \
+            reply, first, hasher, blob_id
+
+    def __iter__(self):
+        held = self.first
+        while self.reply:
+            chunk = self.reply.read(CHUNK)
+            if not chunk:
+                break
+            if self.hasher:
+                self.hasher.update(chunk)
+            if held:
+                yield held
+            held = chunk
+        if self.hasher and self.hasher.hexdigest() != self.blob_id:
+            raise Corrupt("CORRUPT copy of %s on %s found while streaming"
+                          % (self.blob_id, self.reply.url))
+        if held:
+            yield held
+
+    def close(self):
+        if self.reply:
+            self.reply.close()
+
+
+class Unavailable(Exception):
+    """Not enough blob-servers could be reached to answer."""
+
+
+class Missing(Exception):
+    """Every blob-server asked says it does not have the blob."""
+
+
+class Corrupt(Exception):
+    """A copy's bytes did not match its id."""
+
+
+def spool(chunks, spool_dir=None, in_memory=SPOOL_IN_MEMORY):
+    """Take a body while hashing it: returns (bytes or file, size, sha1 hex).
+
+    We need the id (the SHA-1) before the blob-servers may receive the body,
+    and we want to send it to several members at once and to another group
+    if one fails.  So the body is spooled: small ones in memory, larger ones
+    to an anonymous temp file (unlinked, so a crash leaves nothing behind)
+    that the senders read with pread.  Memory stays flat at any size; the
+    cost is one extra local write, mostly absorbed by the page cache.
+    """
+    h = hashlib.sha1()
+    buf = bytearray()
+    f = None
+    size = 0
+    try:
+        for chunk in chunks:
+            h.update(chunk)
+            size += len(chunk)
+            if f is None:
+                buf += chunk
+                if len(buf) > in_memory:
+                    f = tempfile.TemporaryFile(dir=spool_dir)
+                    f.write(buf)
+                    buf = None
+            else:
+                f.write(chunk)
+        if f is None:
+            return bytes(buf), size, h.hexdigest()
+        f.flush()
+        return f, size, h.hexdigest()
+    except BaseException:
+        if f:
+            f.close()
+        raise
+
+
+# --- HTTP front ------------------------------------------------------------------
+
+class UploadHandler(Handler):
+    routes = {("POST", "upload"): "do_upload"}
+
+    def do_upload(self):
+        srv = self.server
+        length = self.body_length()
+        if length is not None and length > srv.max_upload:
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                            "larger than %d bytes" % srv.max_upload)
+        try:
+            meta = blob_metadata(self.header_list)
+        except BadMetadata as e:
+            raise HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, str(e))
+
+        def limited():
+            total = 0
+            for chunk in self.body(length):
+                total += len(chunk)
+                if total > srv.max_upload:
+                    raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                    "larger than %d bytes" % srv.max_upload)
+                yield chunk
+        try:
+            body, size, blob_id = spool(limited(), srv.spool_dir)
+        except OSError as e:
+            if isinstance(e, (ConnectionError, TimeoutError)) or srv.expired(self):
+                raise
+            log.error("cannot spool upload: %s", e)
+            raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, "cannot spool upload")
+        try:
+            copies = srv.cluster.store(body, size, blob_id, meta)
+        except Unavailable as e:
+            log.error("upload of %s (%d bytes) failed: %s", blob_id, size, e)
+            raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, "upload failed: %s" % e)
+        finally:
+            if not isinstance(body, bytes):
+                body.close()
+        self.send_json(HTTPStatus.OK, {"id": blob_id, "size": size,
+                                       "status": "OK", "copies": copies})
+
+
+class DownloadHandler(Handler):
+    routes = {("GET", "fetch"): "do_fetch", ("HEAD", "fetch"): "do_fetch"}
+
+    def do_fetch(self):
+        name = self.rest
+        blob_id, dot, ext = name.partition(".")
+        if not valid_id(blob_id):
+            raise HTTPError(HTTPStatus.BAD_REQUEST,
+                            "invalid id: lowercase letters and digits only")
+        cached = not_modified(self.headers, blob_id)
+        try:
+            status, meta, length, body = self.server.cluster.fetch(
+                blob_id, "HEAD" if cached else self.command, self.headers)
+        except Missing:
+            raise HTTPError(HTTPStatus.NOT_FOUND, "not found")
+        except Unavailable as e:
+            raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, str(e))
+        try:
+            out = [("ETag", '"%s"' % blob_id), ("Accept-Ranges", "bytes"),
+                   ("Cache-Control", "public, max-age=31536000, immutable")]
+            mime = dict((k.lower(), v) for k, v in meta).get("x-mime-type")
+            if not mime and dot:
+                mime = mimetypes.guess_type("x." + ext)[0]
+            out.append(("Content-Type", mime or "application/octet-stream"))
+            out += meta
+            if cached:
+                self.send_head(HTTPStatus.NOT_MODIFIED, out)
+                return
+            chunked = length is None and self.command == "GET"
+            if chunked:
+                out.append(("Transfer-Encoding", "chunked"))
+            self.send_head(status, out, length)
+            if self.command == "HEAD":
+                return
+            for chunk in body:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk)
+                                 if chunked else chunk)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+        except (Corrupt, http.client.HTTPException) as e:
+            if isinstance(e, Corrupt):
+                self.server.cluster.count("corrupt")
+            log.error("fetch of %s cut short: %s", blob_id, e)
+            self.close_connection = True
+        finally:
+            body.close()
+
+
+def make_servers(cluster, host="0.0.0.0", upload_port=9991, download_port=9992,
+                 max_upload=parse_size(DEFAULT_MAX_UPLOAD), spool_dir=None):
+    """The upload and download servers, bound but not yet serving."""
+    servers = []
+    for port, handler in ((upload_port, UploadHandler),
+                          (download_port, DownloadHandler)):
+        srv = Server((host, port), handler)
+        srv.cluster = cluster
+        srv.max_upload = max_upload
+        srv.spool_dir = spool_dir
+        srv.version = "sos-server/" + VERSION
+        servers.append(srv)
+    return servers
+
+
+def add_cluster_args(parser):
+    """The flags that say where the blob-servers are (shared with replicate)."""
+    parser.add_argument("--blob-server", metavar="URL,URL",
+                        help="blob-servers, all in one group (else read "
+                        "/etc/sos.conf and ~/.sos.conf)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="read groups from FILE instead of the default files")
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--version", action="version",
+                        version="%(prog)s " + VERSION)
+
+
+def dump(groups):
+    for g in groups:
+        print("Group %s%s" % (g.name, "" if g.weight == 1 else " (weight %g)" % g.weight))
+        for m in g.members:
+            print("\t%s" % m)
+
+
+def main(argv=None):
+    parser = ArgumentParser(prog="sos-server",
+                            description="SOS upload/download service.")
+    add_cluster_args(parser)
+    parser.add_argument("--api-host", default="0.0.0.0")
+    parser.add_argument("--upload-port", type=int, default=9991)
+    parser.add_argument("--download-port", type=int, default=9992)
+    parser.add_argument("--dump", action="store_true",
+                        help="print the groups and servers, then exit")
+    parser.add_argument("--copies", type=int, default=2,
+                        help="copies made before an upload is acknowledged "
+                        "(default 2, capped by the group's size)")
+    parser.add_argument("--strict-copies", action="store_true",
+                        help="refuse (503) rather than keep fewer copies")
+    parser.add_argument("--max-upload", type=parse_size,
+                        default=parse_size(DEFAULT_MAX_UPLOAD),
+                        help="largest upload (default %s)" % DEFAULT_MAX_UPLOAD)
+    parser.add_argument("--verify-limit", type=parse_size,
+                        default=parse_size(DEFAULT_VERIFY_LIMIT),
+                        help="blobs up to this size are verified before they "
+                        "are sent (default %s)" % DEFAULT_VERIFY_LIMIT)
+    parser.add_argument("--timeout", type=float, default=READ_TIMEOUT,
+                        help="seconds to wait on a blob-server (default %(default)s)")
+    parser.add_argument("--spool-dir", help="where large uploads are spooled "
+                        "(default: the system temp directory)")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        groups = load_groups(args.blob_server, args.config)
+    except ConfigError as e:
+        parser.exit(2, "sos-server: %s\n" % e)
+    if args.dump:
+        dump(groups)
+        return 0
+    if args.copies < 1:
+        parser.error("--copies must be at least 1")
+    cluster = Cluster(groups, args.copies, args.strict_copies, args.verify_limit,
+                      Pool(timeout=args.timeout))
+    try:
+        servers = make_servers(cluster, args.api_host, args.upload_port,
+                               args.download_port, args.max_upload, args.spool_dir)
+    except OSError as e:
+        parser.exit(1, "sos-server: cannot listen: %s\n" % e)
+    cluster.watch_health()
+    print("Launching API-server")
+    print("upload service   http://%s:%d/upload" % (args.api_host, servers[0].server_port))
+    print("download service http://%s:%d/fetch/<id>" % (args.api_host,
+                                                        servers[1].server_port))
+    dump(groups)
+    sys.stdout.flush()
+    sys.exit(serve(servers))
+
+
+if __name__ == "__main__":
+    main()
