@@ -256,10 +256,10 @@ class Pool:
                 return
         conn.close()
 
-    def _connection(self, url):
+    def _connection(self, url, fresh=False):
         with self._lock:
             idle = self._idle.get(url)
-            if idle:
+            if idle and not fresh:
                 return idle.pop(), True
         parts = urlsplit(url)
         if parts.scheme == "https":
@@ -276,15 +276,17 @@ class Pool:
     def request(self, url, method, path, body=None, headers=None):
         """Send a request to the blob-server at url; returns a Reply.
 
-        body is None, bytes, or a callable returning a fresh iterable of
-        chunks (so a request on a stale keep-alive connection can be resent).
+        body is None, bytes, a callable returning a fresh iterable of chunks
+        (so a request on a stale keep-alive connection can be resent), or an
+        iterable that can be sent only once (on a new connection, then).
         Raises OSError (incl. timeouts) and http.client.HTTPException when the
         server can't be reached or answers nonsense."""
         headers = dict(headers or {})
         if self.token:
             headers["Authorization"] = "Bearer " + self.token
+        once = not (body is None or isinstance(body, bytes) or callable(body))
         for attempt in (1, 2):
-            conn, reused = self._connection(url)
+            conn, reused = self._connection(url, fresh=once)
             try:
                 data = body() if callable(body) else body
                 conn.request(method, path, data, headers)
