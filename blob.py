@@ -49,6 +49,7 @@ import email.utils
 import errno
 import grp
 import hashlib
+import hmac
 import http.server
 import json
 import logging
@@ -57,6 +58,7 @@ import pwd
 import re
 import signal
 import socket
+import ssl
 import stat
 import sys
 import threading
@@ -619,6 +621,68 @@ class HTTPError(Exception):
         super().__init__(self.message)
 
 
+class Metrics:
+    """Request counters and latency histograms in Prometheus text format.
+
+    Hand-written (stdlib only): counters by route and status, bytes in and
+    out, and a latency histogram per route.  Programs add their own gauges
+    and counters at render time."""
+
+    BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+        self.lock = threading.Lock()
+        self.requests = {}        # (route, status) -> count
+        self.latency = {}         # route -> [count per bucket..., +Inf, sum]
+        self.bytes = {"in": 0, "out": 0}
+
+    def observe(self, route, status, seconds, bytes_in, bytes_out):
+        with self.lock:
+            key = (route, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            hist = self.latency.setdefault(route, [0] * (len(self.BUCKETS) + 2))
+            for i, bound in enumerate(self.BUCKETS):
+                if seconds <= bound:
+                    hist[i] += 1
+            hist[-2] += 1
+            hist[-1] += seconds
+            self.bytes["in"] += bytes_in
+            self.bytes["out"] += bytes_out
+
+    def render(self, extra=()):
+        """The exposition text; extra is [(name, type, help, [(labels, value)])]."""
+        p = self.prefix
+        with self.lock:
+            families = [
+                ("%s_requests_total" % p, "counter", "HTTP requests by route and status",
+                 [({"route": r, "status": str(st)}, n)
+                  for (r, st), n in sorted(self.requests.items())]),
+                ("%s_http_bytes_total" % p, "counter", "HTTP body bytes by direction",
+                 [({"direction": d}, n) for d, n in sorted(self.bytes.items())])]
+            hist_lines = []
+            for route, hist in sorted(self.latency.items()):
+                for bound, n in zip(self.BUCKETS + ("+Inf",), hist):
+                    hist_lines.append('%s_request_seconds_bucket{route="%s",le="%s"} %d'
+                                      % (p, route, bound, n))
+                hist_lines.append('%s_request_seconds_sum{route="%s"} %.6f'
+                                  % (p, route, hist[-1]))
+                hist_lines.append('%s_request_seconds_count{route="%s"} %d'
+                                  % (p, route, hist[-2]))
+        out = []
+        for name, kind, text, samples in families + list(extra):
+            out.append("# HELP %s %s\n# TYPE %s %s" % (name, text, name, kind))
+            for labels, value in samples:
+                lab = ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\")
+                                            .replace('"', '\\"')) for k, v in
+                               sorted(labels.items()))
+                out.append("%s%s %s" % (name, "{%s}" % lab if lab else "", value))
+        out.append("# HELP %s_request_seconds Request latency by route\n"
+                   "# TYPE %s_request_seconds histogram" % (p, p))
+        out.extend(hist_lines)
+        return "\n".join(out) + "\n"
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """A lean HTTP/1.1 handler with hard limits.
 
@@ -632,12 +696,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     routes = {}
+    open_routes = ()          # routes that need no token
 
     def setup(self):
         self.timeout = self.server.idle_timeout
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.watch(self)
+        if self.server.tls:
+            # The handshake runs here, in the connection's own thread and under
+            # its deadline, so a silent client can't stall the accept loop.
+            self.request.settimeout(self.timeout)
+            self.server.set_deadline(self, HEAD_TIMEOUT)
+            try:
+                self.request = self.server.tls.wrap_socket(self.request,
+                                                           server_side=True)
+            except OSError as e:
+                log.info("TLS handshake with %s failed: %s", self.client_address[0], e)
+                self.tls_failed = True
+        super().setup()
+
+    tls_failed = False
+
+    def handle(self):
+        if not self.tls_failed:
+            super().handle()
 
     linger = False
 
@@ -666,7 +748,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.body_left = 0
         self.requestline = self.command = ""
         self.request_version = "HTTP/1.1"
+        self.route = "unknown"
+        self.status = 0
+        self.sent = self.received = 0
         self.server.set_deadline(self, HEAD_TIMEOUT)
+        started = time.monotonic()
         try:
             if not self.read_head():
                 return
@@ -687,6 +773,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.fail(HTTPError(HTTPStatus.INTERNAL_SERVER_ERROR))
         finally:
             self.server.set_busy(self, False)
+            if self.status:
+                self.server.metrics.observe(self.route, int(self.status),
+                                            time.monotonic() - started,
+                                            self.received, self.sent)
         if self.body_pending:
             # An unread body: the next request can't be found after it.
             self.close_connection = True
@@ -776,6 +866,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, headers=[
                     ("Allow", ", ".join(allowed))])
             raise HTTPError(HTTPStatus.NOT_FOUND, "Invalid method or location.")
+        self.route = first
+        token = self.server.token
+        if token and first not in self.open_routes:
+            given = self.headers.get("authorization", "").encode("latin-1")
+            if not hmac.compare_digest(given, b"Bearer " + token.encode()):
+                raise HTTPError(HTTPStatus.UNAUTHORIZED, "missing or wrong token",
+                                [("WWW-Authenticate", "Bearer")])
         getattr(self, method)()
 
     def params(self):
@@ -816,6 +913,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         chunks = self._chunked() if length is None else self._sized(length)
         for chunk in chunks:
             received += len(chunk)
+            self.received = received
             self.server.set_deadline(self, RATE_GRACE + received / MIN_RATE
                                      - (time.monotonic() - start))
             yield chunk
@@ -932,11 +1030,14 @@ class Server(http.server.ThreadingHTTPServer):
     request_queue_size = 1024
     idle_timeout = IDLE_TIMEOUT
     version = "sos/" + VERSION
+    token = None              # bearer token every request must carry
+    tls = None                # an ssl.SSLContext to serve HTTPS
 
     def __init__(self, address, handler):
         self._watched = {}       # handler -> [deadline, busy]
         self._watch_lock = threading.Lock()
         self._date = (0, "")
+        self.metrics = Metrics("sos")
         super().__init__(address, handler)
         threading.Thread(target=self._reaper, daemon=True).start()
 
@@ -1011,6 +1112,7 @@ def serve(servers, on_stop=None):
     threading.stack_size(512 * 1024)    # thousands of idle clients stay cheap
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reopen_logs())
     for srv in servers:
         threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2},
                          daemon=True).start()
@@ -1025,12 +1127,59 @@ def serve(servers, on_stop=None):
 
 
 def setup_logging(verbose, access_log_file=None):
+    """Log to stderr; the access log (Common Log Format) too, or to a file."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     if access_log_file:
         access_log.propagate = False
         access_log.addHandler(logging.FileHandler(access_log_file))
+
+
+def reopen_logs():
+    """SIGHUP: reopen log files, so logrotate can move them away."""
+    for handler in access_log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            with handler.lock:
+                if handler.stream:
+                    handler.stream.close()
+                handler.stream = None    # reopened by the next record
+
+
+def read_token(path):
+    """The secret in a token file, stripped; exits with a message if unusable."""
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        sys.exit("cannot read token file %s: %s" % (path, e))
+    if not token or not all(" " < c <= "~" for c in token):
+        sys.exit("token file %s: expected one printable ASCII word" % path)
+    return token
+
+
+def tls_context(cert, key):
+    """A server-side SSL context, or None without a certificate."""
+    if not cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def add_server_args(parser):
+    """Flags every server shares: logging, tokens and TLS."""
+    parser.add_argument("--access-log", metavar="FILE",
+                        help="write the access log here (reopened on SIGHUP) "
+                        "instead of stderr")
+    parser.add_argument("--cluster-token", metavar="FILE",
+                        help="shared secret of sos-server, replicate and "
+                        "blob-servers")
+    parser.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with "
+                        "this certificate (PEM)")
+    parser.add_argument("--tls-key", metavar="FILE", help="its private key")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1063,7 +1212,9 @@ class BlobHandler(Handler):
         ("GET", "stats"): "do_stats",
         ("GET", "digests"): "do_digests",
         ("POST", "verify"): "do_verify",
+        ("GET", "metrics"): "do_metrics",
     }
+    open_routes = ("alive",)
     errors = {InvalidId: (HTTPStatus.BAD_REQUEST, "invalid id: lowercase letters and digits only"),
               Missing: (HTTPStatus.NOT_FOUND, "not found"),
               Corrupt: (HTTPStatus.UNPROCESSABLE_ENTITY, None),
@@ -1145,6 +1296,13 @@ class BlobHandler(Handler):
     def do_digests(self):
         self.send_json(HTTPStatus.OK, self.server.store.digests())
 
+    def do_metrics(self):
+        st = self.server.store.stats()
+        gauges = [("sos_blob_%s" % k, "gauge", "blob-server %s" % k.replace("_", " "),
+                   [({}, int(v))]) for k, v in sorted(st.items())]
+        self.send(HTTPStatus.OK, self.server.metrics.render(gauges).encode(),
+                  content_type="text/plain; version=0.0.4")
+
     def do_verify(self):
         result = self.server.store.verify(self.rest)
         self.send_json(HTTPStatus.OK, {"id": self.rest, "ok": result is not False,
@@ -1187,11 +1345,14 @@ def http_range(headers, etag, size):
             [("Content-Range", "bytes %d-%d/%d" % (start, end, size))])
 
 
-def make_server(address, store, handler=BlobHandler):
+def make_server(address, store, handler=BlobHandler, token=None, tls=None):
     """A blob-server for `store` bound to `address`; not yet serving."""
     srv = Server(address, handler)
     srv.store = store
     srv.version = "blob-server/" + VERSION
+    srv.metrics.prefix = "sos_blob"
+    srv.token = token
+    srv.tls = tls
     return srv
 
 
@@ -1257,8 +1418,9 @@ def main(argv=None):
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--version", action="version",
                         version="blob-server " + VERSION)
+    add_server_args(parser)
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args.access_log)
 
     store = BlobStore(args.store, max_size=args.max_size)
     if args.reserve is None:
@@ -1270,7 +1432,9 @@ def main(argv=None):
         log.info("start-up: removed %d temp files, adopted %d flat blobs",
                  removed, migrated)
     try:
-        srv = make_server((args.host, args.port), store)
+        srv = make_server((args.host, args.port), store,
+                          token=read_token(args.cluster_token),
+                          tls=tls_context(args.tls_cert, args.tls_key))
     except OSError as e:
         parser.exit(1, "blob-server: cannot listen on %s:%d: %s\n"
                     % (args.host, args.port, e.strerror))
@@ -1281,8 +1445,9 @@ def main(argv=None):
         except (ValueError, KeyError) as e:
             parser.exit(2, "blob-server: --user: %s\n" % e)
         drop_privileges(store.root, uid, gid)
-    print("blob-server %s listening on http://%s:%d/, storing blobs in %s%s"
-          % (VERSION, args.host, srv.server_port, store.root,
+    print("blob-server %s listening on %s://%s:%d/, storing blobs in %s%s"
+          % (VERSION, "https" if srv.tls else "http", args.host, srv.server_port,
+             store.root,
              " (chrooted, running as %s)" % args.user if chroot else ""),
           flush=True)
     threading.Thread(target=store.warm, daemon=True).start()

@@ -38,7 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 
-from blob import CHUNK, ArgumentParser, setup_logging, valid_id
+from blob import CHUNK, ArgumentParser, read_token, setup_logging, valid_id
 from sos import ConfigError, Pool, add_cluster_args, load_groups
 
 PAGE = 10000
@@ -335,6 +335,8 @@ def main(argv=None):
                         help="blobs verified per second per member (default "
                         "%(default)s; 0 for no limit)")
     parser.add_argument("--timeout", type=float, default=60)
+    parser.add_argument("--cluster-token", metavar="FILE",
+                        help="shared secret of the blob-servers")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     if not args.verbose:
@@ -352,7 +354,8 @@ def main(argv=None):
             parser.exit(2, "replicate: no group named %r\n" % args.group)
 
     progress = Progress(sys.stderr.isatty())
-    rep = Replicator(Pool(timeout=args.timeout), args.jobs, args.dry_run, progress)
+    rep = Replicator(Pool(timeout=args.timeout, token=read_token(args.cluster_token)),
+                     args.jobs, args.dry_run, progress)
     summaries = []
     status = 0
     for group in groups:

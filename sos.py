@@ -31,7 +31,9 @@ imports: it exists once.  Run it as:
     sos-server -blob-server http://localhost:4001,http://localhost:4002
 """
 
+import collections
 import hashlib
+import html
 import http.client
 import json
 import logging
@@ -49,8 +51,9 @@ from http import HTTPStatus
 from urllib.parse import urlsplit
 
 from blob import (VERSION, CHUNK, ArgumentParser, BadMetadata, HTTPError,
-                  Handler, Server, blob_metadata, content_hash, not_modified,
-                  parse_size, serve, setup_logging, valid_id)
+                  Handler, Server, add_server_args, blob_metadata, content_hash,
+                  not_modified, parse_size, read_token, serve, setup_logging,
+                  tls_context, valid_id)
 
 CONFIG_FILES = ("/etc/sos.conf", "~/.sos.conf")
 DEFAULT_GROUP = "default"
@@ -321,7 +324,8 @@ class Cluster:
         self.pool = pool or Pool()
         self.health = {m: {"up": True, "full": False} for g in groups
                        for m in g.members}
-        self.counters = dict.fromkeys(("corrupt", "failovers", "partial"), 0)
+        self.counters = dict.fromkeys(("copies_made", "copies_failed", "corrupt",
+                                       "failovers", "partial"), 0)
         self.executor = ThreadPoolExecutor(max_workers=64,
                                            thread_name_prefix="upstream")
 
@@ -365,6 +369,19 @@ class Cluster:
                 self.check_all()
                 time.sleep(every)
         threading.Thread(target=loop, daemon=True, name="health").start()
+
+    def report(self):
+        """Fresh health of every group and member: (every group writable, dict)."""
+        self.check_all()
+        groups = []
+        for g in self.groups:
+            usable = sum(map(self.usable, g.members))
+            groups.append({"name": g.name, "weight": g.weight,
+                           "writable": usable >= min(self.copies, len(g.members)),
+                           "members": [dict(self.health[m], url=m)
+                                       for m in g.members]})
+        ok = all(g["writable"] for g in groups)
+        return ok, {"ok": ok, "groups": groups}
 
     def usable(self, member):
         h = self.health.get(member, {})
@@ -421,7 +438,9 @@ class Cluster:
         pending = set(futures)
         while pending and made < need:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            made += sum(f.result() for f in done)
+            for f in done:
+                made += f.result()
+                self.count("copies_made" if f.result() else "copies_failed")
         return made
 
     def _send(self, member, body, size, blob_id, headers):
@@ -705,19 +724,120 @@ class DownloadHandler(Handler):
             body.close()
 
 
+class AdminHandler(Handler):
+    """Health, metrics and the status page, on a port of their own."""
+
+    routes = {("GET", "health"): "do_health", ("GET", "metrics"): "do_metrics",
+              ("GET", "status"): "do_status", ("GET", ""): "do_status"}
+
+    def do_health(self):
+        ok, report = self.server.cluster.report()
+        self.send_json(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE,
+                       report)
+
+    def do_metrics(self):
+        cluster = self.server.cluster
+        members = [(g.name, m, cluster.health.get(m, {})) for g in cluster.groups
+                   for m in g.members]
+        extra = [("sos_upstream_events_total", "counter",
+                  "uploads' copies made and failed, failovers, corrupt copies",
+                  [({"event": k}, v) for k, v in sorted(cluster.counters.items())]),
+                 ("sos_member_up", "gauge", "blob-server reachable (1) or not",
+                  [({"group": g, "member": m}, int(bool(h.get("up"))))
+                   for g, m, h in members])]
+        for key in ("blobs", "bytes", "disk_free", "disk_total"):
+            extra.append(("sos_member_%s" % key, "gauge", "blob-server %s" % key,
+                          [({"group": g, "member": m}, int(h[key]))
+                           for g, m, h in members if key in h]))
+        self.send(HTTPStatus.OK, self.server.metrics.render(extra).encode(),
+                  content_type="text/plain; version=0.0.4")
+
+    def do_status(self):
+        ok, report = self.server.cluster.report()
+        self.send(HTTPStatus.OK, status_page(report, self.server.errors).encode(),
+                  content_type="text/html; charset=utf-8")
+
+
+def status_page(report, errors):
+    """One self-contained HTML page: groups, members, disks, recent errors."""
+    e = html.escape
+    rows = []
+    for g in report["groups"]:
+        rows.append('<h2>Group %s <span class="%s">%s</span></h2><table><tr><th>'
+                    'blob-server</th><th>state</th><th>disk</th><th>blobs</th>'
+                    '<th>latency</th></tr>' % (e(g["name"]), "up" if g["writable"]
+                                                else "down", "writable" if
+                                                g["writable"] else "NOT WRITABLE"))
+        for m in g["members"]:
+            state = "down" if not m.get("up") else "full" if m.get("full") else "up"
+            total, free = m.get("disk_total") or 0, m.get("disk_free") or 0
+            used = 100 * (total - free) / total if total else 0
+            disk = ('<div class="bar"><div style="width:%.0f%%"></div></div> '
+                    '%.1f of %.1f GiB free' % (used, free / 2**30, total / 2**30)
+                    if total else "-")
+            rows.append('<tr class="member %s" data-state="%s"><td>%s</td><td>%s%s'
+                        '</td><td>%s</td><td>%s</td><td>%s ms</td></tr>' % (
+                            state, state, e(m["url"]), state.upper(),
+                            " (%s)" % e(m["error"]) if m.get("error") else "",
+                            disk, m.get("blobs", "-"), m.get("latency_ms", "-")))
+        rows.append("</table>")
+    recent = "".join("<li>%s</li>" % e(line) for line in reversed(errors)) or \
+        "<li>none</li>"
+    return """<!doctype html>
+<html><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
+<title>SOS status</title><style>
+body{font:14px system-ui,sans-serif;margin:2em;color:#222}
+table{border-collapse:collapse;margin-bottom:1em}td,th{padding:4px 12px;text-align:left}
+tr.member{border-top:1px solid #ddd}.up{color:#080}.down{color:#c00;font-weight:bold}
+.full{color:#b60;font-weight:bold}
+.bar{display:inline-block;width:120px;height:10px;background:#cec;vertical-align:middle}
+.bar div{height:100%%;background:#c66}
+</style></head><body><h1>SOS status: <span class="%s">%s</span></h1>%s
+<h2>Recent errors</h2><ul id="errors">%s</ul>
+<p>sos-server %s &middot; refreshes every 5 s</p></body></html>
+""" % ("up" if report["ok"] else "down", "OK" if report["ok"] else "DEGRADED",
+       "".join(rows), recent, VERSION)
+
+
+class RecentErrors(logging.Handler):
+    """Keeps the last warnings and errors for the status page."""
+
+    def __init__(self, size=20):
+        super().__init__(logging.WARNING)
+        self.lines = collections.deque(maxlen=size)
+        self.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+
 def make_servers(cluster, host="0.0.0.0", upload_port=9991, download_port=9992,
-                 max_upload=parse_size(DEFAULT_MAX_UPLOAD), spool_dir=None):
+                 max_upload=parse_size(DEFAULT_MAX_UPLOAD), spool_dir=None,
+                 upload_token=None, download_token=None, tls=None):
     """The upload and download servers, bound but not yet serving."""
     servers = []
-    for port, handler in ((upload_port, UploadHandler),
-                          (download_port, DownloadHandler)):
+    for port, handler, token in ((upload_port, UploadHandler, upload_token),
+                                 (download_port, DownloadHandler, download_token)):
         srv = Server((host, port), handler)
         srv.cluster = cluster
         srv.max_upload = max_upload
         srv.spool_dir = spool_dir
         srv.version = "sos-server/" + VERSION
+        srv.token = token
+        srv.tls = tls
         servers.append(srv)
+    servers[1].metrics = servers[0].metrics      # one set of figures
     return servers
+
+
+def make_admin_server(cluster, address, metrics=None, errors=()):
+    """The admin server (/health, /metrics, /status), bound, not serving."""
+    srv = Server(address, AdminHandler)
+    srv.cluster = cluster
+    srv.version = "sos-server/" + VERSION
+    srv.metrics = metrics or srv.metrics
+    srv.errors = errors
+    return srv
 
 
 def add_cluster_args(parser):
@@ -764,8 +884,17 @@ def main(argv=None):
                         help="seconds to wait on a blob-server (default %(default)s)")
     parser.add_argument("--spool-dir", help="where large uploads are spooled "
                         "(default: the system temp directory)")
+    parser.add_argument("--admin-host", default="127.0.0.1",
+                        help="address of the admin port (default %(default)s)")
+    parser.add_argument("--admin-port", type=int, default=9993,
+                        help="/health, /metrics, /status (default %(default)s)")
+    parser.add_argument("--upload-token", metavar="FILE",
+                        help="uploads need 'Authorization: Bearer <token>'")
+    parser.add_argument("--download-token", metavar="FILE",
+                        help="fetches need 'Authorization: Bearer <token>'")
+    add_server_args(parser)
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args.access_log)
     try:
         groups = load_groups(args.blob_server, args.config)
     except ConfigError as e:
@@ -776,17 +905,29 @@ def main(argv=None):
     if args.copies < 1:
         parser.error("--copies must be at least 1")
     cluster = Cluster(groups, args.copies, args.strict_copies, args.verify_limit,
-                      Pool(timeout=args.timeout))
+                      Pool(timeout=args.timeout,
+                           token=read_token(args.cluster_token)))
+    errors = RecentErrors()
+    log.addHandler(errors)
     try:
         servers = make_servers(cluster, args.api_host, args.upload_port,
-                               args.download_port, args.max_upload, args.spool_dir)
+                               args.download_port, args.max_upload, args.spool_dir,
+                               read_token(args.upload_token),
+                               read_token(args.download_token),
+                               tls_context(args.tls_cert, args.tls_key))
+        servers.append(make_admin_server(cluster, (args.admin_host, args.admin_port),
+                                         servers[0].metrics, errors.lines))
     except OSError as e:
         parser.exit(1, "sos-server: cannot listen: %s\n" % e)
     cluster.watch_health()
+    scheme = "https" if servers[0].tls else "http"
     print("Launching API-server")
-    print("upload service   http://%s:%d/upload" % (args.api_host, servers[0].server_port))
-    print("download service http://%s:%d/fetch/<id>" % (args.api_host,
-                                                        servers[1].server_port))
+    print("upload service   %s://%s:%d/upload" % (scheme, args.api_host,
+                                                  servers[0].server_port))
+    print("download service %s://%s:%d/fetch/<id>" % (scheme, args.api_host,
+                                                      servers[1].server_port))
+    print("admin service    http://%s:%d/status" % (args.admin_host,
+                                                   servers[2].server_port))
     dump(groups)
     sys.stdout.flush()
     sys.exit(serve(servers))
