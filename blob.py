@@ -1133,7 +1133,23 @@ def setup_logging(verbose, access_log_file=None):
                         stream=sys.stderr)
     if access_log_file:
         access_log.propagate = False
-        access_log.addHandler(logging.FileHandler(access_log_file))
+        access_log.addHandler(LogFile(access_log_file))
+
+
+class LogFile(logging.FileHandler):
+    """A log file reopened through a descriptor of its directory, so SIGHUP
+    can reopen it even after blob-server chrooted into its store.  (Once
+    privileges are dropped, that directory must be writable by --user.)"""
+
+    def __init__(self, path):
+        path = os.path.abspath(path)
+        self.dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+        super().__init__(path)
+
+    def _open(self):
+        name = os.path.basename(self.baseFilename)
+        return open(name, "a", encoding="utf-8", opener=lambda _, flags: os.open(
+            name, flags | os.O_NOFOLLOW, 0o644, dir_fd=self.dir_fd))
 
 
 def reopen_logs():

@@ -1,0 +1,249 @@
+"""Operating SOS: health, metrics, the status page, access logs, tokens, TLS."""
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import blob
+import sos
+from conftest import ROOT, InProcess, get_json, request, wait_for
+
+
+@pytest.fixture
+def admin(make_cluster):
+    """A cluster of two groups of two, with its admin server."""
+    c = make_cluster()
+    srv = InProcess(sos.make_admin_server(c.cluster, ("127.0.0.1", 0),
+                                          c.up.srv.metrics, ["an old error"]))
+    c.admin = srv
+    yield c
+    srv.stop()
+
+
+def families(text):
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def test_health_is_200_when_every_group_can_take_a_write(admin):
+    status, body = get_json(admin.admin.url + "/health")
+    assert status == 200 and body["ok"] is True
+    members = [m for g in body["groups"] for m in g["members"]]
+    assert len(members) == 4
+    assert all(m["up"] and m["disk_free"] > 0 and "latency_ms" in m for m in members)
+
+
+def test_health_is_503_and_names_the_down_member(admin):
+    down = admin.groups[1].members[0]
+    admin.blobs[down].stop()
+    status, body = get_json(admin.admin.url + "/health")
+    assert status == 503 and body["ok"] is False
+    g2 = [g for g in body["groups"] if g["name"] == "g2"][0]
+    assert g2["writable"] is False
+    assert [m["url"] for m in g2["members"] if not m["up"]] == [down]
+
+
+def test_sos_metrics_parse_and_count_uploads(admin):
+    for i in range(3):
+        assert admin.upload(b"metric %d" % i)[0] == 200
+    assert admin.fetch(hashlib.sha1(b"metric 0").hexdigest())[0] == 200
+    status, headers, text = request(admin.admin.url + "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    fams = families(text.decode())
+    reqs = {(s.labels["route"], s.labels["status"]): s.value
+            for s in fams["sos_requests"].samples if s.name.endswith("_total")}
+    assert reqs[("upload", "200")] == 3 and reqs[("fetch", "200")] == 1
+    events = {s.labels["event"]: s.value for s in fams["sos_upstream_events"].samples}
+    assert events["copies_made"] >= 6
+    assert fams["sos_request_seconds"].type == "histogram"
+    up = [s.value for s in fams["sos_member_up"].samples]
+    assert up == [1, 1, 1, 1]
+
+
+def test_blob_server_metrics_parse(blob_server):
+    srv = blob_server()
+    assert request(srv.url + "/blob/abc", "POST", b"xyz")[0] == 200
+    status, _, text = request(srv.url + "/metrics")
+    assert status == 200
+    fams = families(text.decode())
+    assert fams["sos_blob_blobs"].samples[0].value == 1
+    assert fams["sos_blob_bytes"].samples[0].value == 3
+    assert fams["sos_blob_disk_free"].samples[0].value > 0
+    reqs = {(s.labels["route"], s.labels["status"]): s.value
+            for s in fams["sos_blob_requests"].samples if s.name.endswith("_total")}
+    assert reqs[("blob", "200")] == 1
+
+
+def test_status_page_is_self_contained_html(admin):
+    status, headers, page = request(admin.admin.url + "/status")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    text = page.decode()
+    assert 'http-equiv="refresh"' in text and "an old error" in text
+    assert "<script" not in text and "src=" not in text and "href=" not in text
+    for url in admin.blobs:
+        assert url in text
+
+
+def test_status_page_in_a_real_browser_shows_the_down_member(admin, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.fail("chromium is needed for this test: apt-get install chromium")
+    down = admin.groups[0].members[1]
+    admin.blobs[down].stop()
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync",
+             "--user-data-dir=%s" % (tmp_path / "profile")]
+    shot = tmp_path / "status.png"
+    subprocess.run(flags + ["--screenshot=%s" % shot, "--window-size=1200,900",
+                            admin.admin.url + "/status"],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.stat().st_size > 1000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    dom = subprocess.run(flags + ["--dump-dom", admin.admin.url + "/status"],
+                         capture_output=True, timeout=120, check=True).stdout.decode()
+    rows = [r for r in dom.split("<tr") if down in r]
+    assert len(rows) == 1 and 'data-state="down"' in rows[0] and "DOWN" in rows[0]
+    others = [r for r in dom.split("<tr") if "data-state=" in r and down not in r]
+    assert len(others) == 3 and all('data-state="up"' in r for r in others)
+
+
+def test_upload_token_is_required_and_compared(make_cluster):
+    c = make_cluster()
+    c.up.srv.token = "s3cret"
+    status, body = c.upload(b"no token")
+    assert status == 401 and "token" in body["error"]
+    assert c.upload(b"bad", {"Authorization": "Bearer wrong"})[0] == 401
+    status, body = c.upload(b"with token", {"Authorization": "Bearer s3cret"})
+    assert status == 200
+    assert c.fetch(body["id"])[0] == 200        # downloads stay open
+
+
+def test_download_token_guards_fetches(make_cluster):
+    c = make_cluster()
+    c.down.srv.token = "reader"
+    status, body = c.upload(b"guarded")
+    assert c.fetch(body["id"])[0] == 401
+    assert c.fetch(body["id"], headers={"Authorization": "Bearer reader"})[0] == 200
+
+
+def test_cluster_token_locks_blob_server_but_alive(blob_server, tmp_path):
+    srv = blob_server()
+    srv.srv.token = "cluster"
+    assert request(srv.url + "/alive")[0] == 200
+    for path in ("/blobs", "/stats", "/digests", "/metrics", "/blob/abc"):
+        status, _, body = request(srv.url + path)
+        assert status == 401 and b"token" in body, path
+    auth = {"Authorization": "Bearer cluster"}
+    assert request(srv.url + "/blob/abc", "POST", b"x", auth)[0] == 200
+    assert request(srv.url + "/blob/abc", headers=auth)[2] == b"x"
+    # sos-server and replicate carry it through their Pool.
+    pool = sos.Pool(token="cluster")
+    reply = pool.request(srv.url, "GET", "/blobs")
+    assert reply.status == 200 and reply.json() == ["abc"]
+
+
+def test_tokens_from_files_through_the_cli(blob_process, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("tok-123\n")
+    b1 = blob_process("s1", "--cluster-token", str(token))
+    b2 = blob_process("s2", "--cluster-token", str(token))
+    assert request(b1.url + "/blobs")[0] == 401
+    auth = {"Authorization": "Bearer tok-123"}
+    assert request(b1.url + "/blob/abcd", "POST", b"1", auth)[0] == 200
+    rc = subprocess.run([sys.executable, os.path.join(ROOT, "replicate.py"),
+                         "-blob-server", "%s,%s" % (b1.url, b2.url),
+                         "--cluster-token", str(token)], capture_output=True,
+                        timeout=60)
+    assert rc.returncode == 0, rc.stderr
+    assert request(b2.url + "/blob/abcd", headers=auth)[2] == b"1"
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1",
+                    "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
+
+
+def test_tls_blob_server_and_sos_server_over_https(blob_server, certificate):
+    cert, key = certificate
+    members = []
+    for name in ("t1", "t2"):
+        srv = blob_server(name)
+        srv.srv.tls = blob.tls_context(cert, key)
+        members.append(srv.url.replace("http:", "https:"))
+    client = ssl.create_default_context(cafile=cert)
+    cluster = sos.Cluster([sos.Group("tls", members)],
+                          pool=sos.Pool(ssl_context=client))
+    up, down = sos.make_servers(cluster, "127.0.0.1", 0, 0,
+                                tls=blob.tls_context(cert, key))
+    up, down = InProcess(up), InProcess(down)
+    try:
+        import http.client
+        conn = http.client.HTTPSConnection("127.0.0.1", up.srv.server_port,
+                                           context=client, timeout=30)
+        conn.request("POST", "/upload", b"secret bytes")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        blob_id = sos.json.loads(resp.read())["id"]
+        conn = http.client.HTTPSConnection("127.0.0.1", down.srv.server_port,
+                                           context=client, timeout=30)
+        conn.request("GET", "/fetch/" + blob_id)
+        assert conn.getresponse().read() == b"secret bytes"
+        # Plain HTTP to a TLS port gets nothing, and the server lives on.
+        with pytest.raises(Exception):
+            request(down.url + "/fetch/" + blob_id, timeout=5)
+        conn.request("GET", "/fetch/" + blob_id)
+        assert conn.getresponse().read() == b"secret bytes"
+    finally:
+        up.stop()
+        down.stop()
+
+
+def test_silent_tls_client_does_not_block_others(blob_server, certificate):
+    cert, key = certificate
+    srv = blob_server()
+    srv.srv.tls = blob.tls_context(cert, key)
+    silent = socket.create_connection(("127.0.0.1", srv.srv.server_port))
+    try:
+        client = ssl.create_default_context(cafile=cert)
+        import http.client
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.srv.server_port,
+                                           context=client, timeout=5)
+        conn.request("GET", "/alive")
+        assert conn.getresponse().read() == b"alive"
+    finally:
+        silent.close()
+
+
+def test_access_log_file_in_common_log_format_reopens_on_sighup(blob_process, tmp_path):
+    # blob-server started as root chroots and becomes nobody: it reopens the
+    # log through a directory it opened before, which nobody must be able
+    # to write.
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    nobody = blob.resolve_user("nobody")
+    os.chown(logs, *nobody)
+    log = logs / "access.log"
+    b = blob_process("s", "--access-log", str(log))
+    assert request(b.url + "/blob/abc", "POST", b"hello")[0] == 200
+    line = wait_for(lambda: log.exists() and log.read_text(), what="access log")
+    assert '"POST /blob/abc HTTP/1.1" 200' in line and line.startswith("127.0.0.1 - - [")
+    os.rename(log, logs / "access.log.1")
+    b.proc.send_signal(signal.SIGHUP)
+    # The server must keep running and write to a fresh file after SIGHUP.
+    wait_for(lambda: request(b.url + "/alive")[0] == 200 and log.exists(),
+             what="access log reopened")
+    assert "GET /alive" in log.read_text() and "POST" not in log.read_text()
+    assert "POST /blob/abc" in (logs / "access.log.1").read_text()
