@@ -44,6 +44,7 @@ with hard limits, deadlines, JSON errors, graceful SIGTERM), so it exists once.
 """
 
 import argparse
+import collections
 import ctypes
 import email.utils
 import errno
@@ -262,14 +263,36 @@ class BlobStore:
         """
         leaf = self._leaf_fd(blob_id)
         try:
+            return self._open_in(leaf, blob_id)
+        finally:
+            os.close(leaf)
+
+    def metadata(self, blob_id):
+        """The X-* headers stored with blob_id ({} if none)."""
+        leaf = self._leaf_fd(blob_id)
+        try:
+            return self._metadata_in(leaf, blob_id)
+        finally:
+            os.close(leaf)
+
+    def get(self, blob_id):
+        """open() and metadata() at once: (file, size, metadata)."""
+        leaf = self._leaf_fd(blob_id)
+        try:
+            f, size = self._open_in(leaf, blob_id)
+            return f, size, self._metadata_in(leaf, blob_id)
+        finally:
+            os.close(leaf)
+
+    @staticmethod
+    def _open_in(leaf, blob_id):
+        try:
             fd = os.open(blob_id, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                          dir_fd=leaf)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ELOOP):
                 raise Missing(blob_id) from None
             raise
-        finally:
-            os.close(leaf)
         f = os.fdopen(fd, "rb")
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -277,16 +300,13 @@ class BlobStore:
             raise Missing(blob_id)
         return f, st.st_size
 
-    def metadata(self, blob_id):
-        """The X-* headers stored with blob_id ({} if none)."""
-        leaf = self._leaf_fd(blob_id)
+    @staticmethod
+    def _metadata_in(leaf, blob_id):
         try:
             fd = os.open(blob_id + ".json", os.O_RDONLY | os.O_NOFOLLOW
                          | os.O_CLOEXEC, dir_fd=leaf)
         except OSError:
             return {}
-        finally:
-            os.close(leaf)
         with os.fdopen(fd, "rb") as f:
             try:
                 meta = json.loads(f.read(MAX_META_BYTES * 2))
@@ -1016,7 +1036,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_request(self, code="-", size="-"):
         access_log.info('%s - - [%s] "%s" %s %s', self.client_address[0],
-                        self.log_date_time_string(), self.requestline, code, size)
+                        self.server.date(clf=True), self.requestline, code, size)
 
     def log_message(self, format, *args):
         log.info("%s " + format, self.client_address[0], *args)
@@ -1033,28 +1053,36 @@ class Server(http.server.ThreadingHTTPServer):
     token = None              # bearer token every request must carry
     tls = None                # an ssl.SSLContext to serve HTTPS
 
-    def __init__(self, address, handler):
+    def __init__(self, address, handler, reuse_port=False):
+        self.reuse_port = reuse_port
         self._watched = {}       # handler -> [deadline, busy]
         self._watch_lock = threading.Lock()
-        self._date = (0, "")
+        self._date = (0, "", "")
         self.metrics = Metrics("sos")
         super().__init__(address, handler)
+
+    def serve_forever(self, poll_interval=0.5):
+        # Threads start here, not in __init__, so a bound server can be forked.
         threading.Thread(target=self._reaper, daemon=True).start()
+        super().serve_forever(poll_interval)
 
     def server_bind(self):
         # HTTPServer.server_bind calls getfqdn(), which may hang on DNS and
         # fails after a chroot.  We need neither.
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         self.socket.bind(self.server_address)
         self.server_address = self.socket.getsockname()
         self.server_name, self.server_port = self.server_address[:2]
 
-    def date(self):
-        """The Date header value, formatted once a second."""
+    def date(self, clf=False):
+        """The Date header value (or the access log's), formatted once a second."""
         now = int(time.time())
         if now != self._date[0]:
-            self._date = (now, email.utils.formatdate(now, usegmt=True))
-        return self._date[1]
+            self._date = (now, email.utils.formatdate(now, usegmt=True),
+                          time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(now)))
+        return self._date[2 if clf else 1]
 
     def watch(self, handler):
         with self._watch_lock:
@@ -1121,45 +1149,111 @@ def serve(servers, on_stop=None):
     ok = all([srv.drain() for srv in servers])
     if on_stop:
         on_stop()
+    for handler in access_log.handlers:
+        handler.flush()
     if not ok:
         log.warning("some requests did not finish within %ds", DRAIN_TIMEOUT)
     return 0
 
 
+def serve_workers(servers, on_start=None):
+    """Serve each of several servers bound to one port (SO_REUSEPORT) in a
+    process of its own; the kernel spreads connections across them.  This
+    process serves the first and, on SIGTERM, stops the others and waits.
+    on_start runs in every process once it is forked (threads don't survive
+    a fork, so none may be started before)."""
+    children = []
+    for srv in servers[1:]:
+        pid = os.fork()
+        if pid == 0:
+            for other in servers:
+                if other is not srv:
+                    other.socket.close()
+            if on_start:
+                on_start()
+            os._exit(serve([srv]))
+        children.append(pid)
+        srv.socket.close()
+    if on_start:
+        on_start()
+    code = serve(servers[:1])
+    for pid in children:
+        os.kill(pid, signal.SIGTERM)
+    for pid in children:
+        _, status = os.waitpid(pid, 0)
+        code = code or (os.waitstatus_to_exitcode(status) != 0)
+    return int(code)
+
+
 def setup_logging(verbose, access_log_file=None):
-    """Log to stderr; the access log (Common Log Format) too, or to a file."""
+    """Log to stderr; the access log (Common Log Format) there too, or to a file."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
-    if access_log_file:
-        access_log.propagate = False
-        access_log.addHandler(LogFile(access_log_file))
+    access_log.propagate = False
+    access_log.addHandler(AccessLogWriter(access_log_file))
 
 
-class LogFile(logging.FileHandler):
-    """A log file reopened through a descriptor of its directory, so SIGHUP
-    can reopen it even after blob-server chrooted into its store.  (Once
-    privileges are dropped, that directory must be writable by --user.)"""
+class AccessLogWriter(logging.Handler):
+    """The access log's output.  Request threads only append a line; a
+    background thread writes them out every 0.2 s, so no request waits on a
+    slow disk or pipe (with a plain handler, one thread's write held a lock
+    that every other request queued behind).
 
-    def __init__(self, path):
-        path = os.path.abspath(path)
-        self.dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
-        super().__init__(path)
+    A file is reopened on SIGHUP through a descriptor of its directory, so
+    even a blob-server that chrooted into its store can follow logrotate
+    (once privileges are dropped, that directory must be writable by --user).
+    """
 
-    def _open(self):
-        name = os.path.basename(self.baseFilename)
-        return open(name, "a", encoding="utf-8", opener=lambda _, flags: os.open(
-            name, flags | os.O_NOFOLLOW, 0o644, dir_fd=self.dir_fd))
+    def __init__(self, path=None):
+        super().__init__()
+        self.path = path and os.path.abspath(path)
+        self.dir_fd = self.path and os.open(os.path.dirname(self.path),
+                                            os.O_RDONLY | os.O_DIRECTORY)
+        self.lines = collections.deque()
+        self.stream = None
+        self.reopen = True
+        self.writer_pid = None
+        self.write_lock = threading.Lock()
+        if self.path:
+            self.flush()               # a bad path fails now, not later
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+        if self.writer_pid != os.getpid():     # first line, or a forked worker
+            self.writer_pid = os.getpid()
+            threading.Thread(target=self._write_forever, daemon=True).start()
+
+    def _write_forever(self):
+        while True:
+            time.sleep(0.2)
+            self.flush()
+
+    def flush(self):
+        with self.write_lock:
+            lines = []
+            while self.lines:
+                lines.append(self.lines.popleft())
+            if self.path and self.reopen:
+                if self.stream:
+                    self.stream.close()
+                name = os.path.basename(self.path)
+                self.stream = open(name, "a", encoding="utf-8", opener=lambda _, f:
+                                   os.open(name, f | os.O_NOFOLLOW, 0o644,
+                                           dir_fd=self.dir_fd))
+                self.reopen = False
+            if lines:
+                out = self.stream or sys.stderr
+                out.write("\n".join(lines) + "\n")
+                out.flush()
 
 
 def reopen_logs():
-    """SIGHUP: reopen log files, so logrotate can move them away."""
+    """SIGHUP: reopen the access log file, so logrotate can move it away."""
     for handler in access_log.handlers:
-        if isinstance(handler, logging.FileHandler):
-            with handler.lock:
-                if handler.stream:
-                    handler.stream.close()
-                handler.stream = None    # reopened by the next record
+        if isinstance(handler, AccessLogWriter) and handler.path:
+            handler.reopen = True
+            handler.flush()
 
 
 def read_token(path):
@@ -1251,11 +1345,10 @@ class BlobHandler(Handler):
     def do_get(self):
         store = self.server.store
         blob_id = self.rest
-        f, size = store.open(blob_id)
+        f, size, meta = store.get(blob_id)
         with f:
             headers = [("ETag", '"%s"' % blob_id), ("Accept-Ranges", "bytes"),
                        ("Cache-Control", "public, max-age=31536000, immutable")]
-            meta = store.metadata(blob_id)
             headers.append(("Content-Type", meta.get("X-Mime-Type",
                                                      "application/octet-stream")))
             headers.extend(sorted(meta.items()))
@@ -1361,9 +1454,10 @@ def http_range(headers, etag, size):
             [("Content-Range", "bytes %d-%d/%d" % (start, end, size))])
 
 
-def make_server(address, store, handler=BlobHandler, token=None, tls=None):
+def make_server(address, store, handler=BlobHandler, token=None, tls=None,
+                reuse_port=False):
     """A blob-server for `store` bound to `address`; not yet serving."""
-    srv = Server(address, handler)
+    srv = Server(address, handler, reuse_port)
     srv.store = store
     srv.version = "blob-server/" + VERSION
     srv.metrics.prefix = "sos_blob"
@@ -1429,6 +1523,8 @@ def main(argv=None):
     parser.add_argument("--reserve", type=parse_size, default=None,
                         help="free space always kept (default 256M, or 5%% of a "
                         "smaller disk)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes sharing the port (default 1)")
     parser.add_argument("--max-size", type=parse_size, default=None,
                         help="largest blob accepted (default: no limit)")
     parser.add_argument("--verbose", action="store_true")
@@ -1448,9 +1544,14 @@ def main(argv=None):
         log.info("start-up: removed %d temp files, adopted %d flat blobs",
                  removed, migrated)
     try:
-        srv = make_server((args.host, args.port), store,
-                          token=read_token(args.cluster_token),
-                          tls=tls_context(args.tls_cert, args.tls_key))
+        token = read_token(args.cluster_token)
+        tls = tls_context(args.tls_cert, args.tls_key)
+        workers = [make_server((args.host, args.port), store, token=token, tls=tls,
+                               reuse_port=args.workers > 1)]
+        while len(workers) < args.workers:
+            workers.append(make_server((args.host, workers[0].server_port), store,
+                                       token=token, tls=tls, reuse_port=True))
+        srv = workers[0]
     except OSError as e:
         parser.exit(1, "blob-server: cannot listen on %s:%d: %s\n"
                     % (args.host, args.port, e.strerror))
@@ -1466,8 +1567,8 @@ def main(argv=None):
              store.root,
              " (chrooted, running as %s)" % args.user if chroot else ""),
           flush=True)
-    threading.Thread(target=store.warm, daemon=True).start()
-    sys.exit(serve([srv]))
+    sys.exit(serve_workers(workers, lambda: threading.Thread(
+        target=store.warm, daemon=True).start()))
 
 
 if __name__ == "__main__":
