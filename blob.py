@@ -138,7 +138,8 @@ def blob_metadata(pairs):
         key = canonical_header(name)
         if not key.startswith("X-") or key.startswith(META_EXCLUDED):
             continue
-        if not all(" " <= c <= "~" for c in value):
+        # A hand-edited sidecar may hold numbers or lists: refused, not sent.
+        if not isinstance(value, str) or not all(" " <= c <= "~" for c in value):
             raise BadMetadata("header %s: printable ASCII only" % key)
         meta[key] = value
     if len(meta) > MAX_META_HEADERS or sum(
@@ -1156,27 +1157,31 @@ def serve(servers, on_stop=None):
     return 0
 
 
-def serve_workers(servers, on_start=None):
-    """Serve each of several servers bound to one port (SO_REUSEPORT) in a
-    process of its own; the kernel spreads connections across them.  This
-    process serves the first and, on SIGTERM, stops the others and waits.
-    on_start runs in every process once it is forked (threads don't survive
-    a fork, so none may be started before)."""
+def serve_workers(workers, on_start=None):
+    """Serve each worker's servers in a process of its own.
+
+    workers is a list of lists of servers; the workers' servers are bound to
+    the same ports with SO_REUSEPORT, and the kernel spreads connections
+    across them.  This process serves the first worker and, on SIGTERM,
+    stops the others and waits for them.  on_start runs in every process
+    once forked (threads don't survive a fork, so none may start before)."""
     children = []
-    for srv in servers[1:]:
+    for servers in workers[1:]:
         pid = os.fork()
         if pid == 0:
-            for other in servers:
-                if other is not srv:
-                    other.socket.close()
+            for other in workers:
+                if other is not servers:
+                    for srv in other:
+                        srv.socket.close()
             if on_start:
                 on_start()
-            os._exit(serve([srv]))
+            os._exit(serve(servers))
         children.append(pid)
-        srv.socket.close()
+        for srv in servers:
+            srv.socket.close()
     if on_start:
         on_start()
-    code = serve(servers[:1])
+    code = serve(workers[0])
     for pid in children:
         os.kill(pid, signal.SIGTERM)
     for pid in children:
@@ -1567,7 +1572,7 @@ def main(argv=None):
              store.root,
              " (chrooted, running as %s)" % args.user if chroot else ""),
           flush=True)
-    sys.exit(serve_workers(workers, lambda: threading.Thread(
+    sys.exit(serve_workers([[w] for w in workers], lambda: threading.Thread(
         target=store.warm, daemon=True).start()))
 
 

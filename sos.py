@@ -52,13 +52,14 @@ from urllib.parse import urlsplit
 
 from blob import (VERSION, CHUNK, ArgumentParser, BadMetadata, HTTPError,
                   Handler, Server, add_server_args, blob_metadata, content_hash,
-                  not_modified, parse_size, read_token, serve, setup_logging,
-                  tls_context, valid_id)
+                  not_modified, parse_size, read_token, serve_workers,
+                  setup_logging, tls_context, valid_id)
 
 CONFIG_FILES = ("/etc/sos.conf", "~/.sos.conf")
 DEFAULT_GROUP = "default"
 CONNECT_TIMEOUT = 2.0
 READ_TIMEOUT = 60.0
+POOL_IDLE = 5.0           # seconds an idle upstream connection is reused
 HEALTH_EVERY = 5.0        # seconds between /stats polls of each blob-server
 SPOOL_IN_MEMORY = 1 << 20
 DEFAULT_MAX_UPLOAD = "5G"
@@ -255,15 +256,20 @@ class Pool:
         with self._lock:
             idle = self._idle.setdefault(url, [])
             if len(idle) < 64:
-                idle.append(conn)
+                idle.append((time.monotonic(), conn))
                 return
         conn.close()
 
     def _connection(self, url, fresh=False):
         with self._lock:
             idle = self._idle.get(url)
-            if idle and not fresh:
-                return idle.pop(), True
+            while idle and not fresh:
+                since, conn = idle.pop()
+                # blob-servers close connections idle for HEAD_TIMEOUT (10 s):
+                # don't bet a request on one that may be closing.
+                if time.monotonic() - since < POOL_IDLE:
+                    return conn, True
+                conn.close()
         parts = urlsplit(url)
         if parts.scheme == "https":
             conn = http.client.HTTPSConnection(parts.hostname, parts.port,
@@ -289,7 +295,9 @@ class Pool:
             headers["Authorization"] = "Bearer " + self.token
         once = not (body is None or isinstance(body, bytes) or callable(body))
         for attempt in (1, 2):
-            conn, reused = self._connection(url, fresh=once)
+            # The retry takes a new connection: when one idle connection was
+            # stale (the blob-server restarted), the others in the pool are too.
+            conn, reused = self._connection(url, fresh=once or attempt == 2)
             try:
                 data = body() if callable(body) else body
                 conn.request(method, path, data, headers)
@@ -813,12 +821,13 @@ class RecentErrors(logging.Handler):
 
 def make_servers(cluster, host="0.0.0.0", upload_port=9991, download_port=9992,
                  max_upload=parse_size(DEFAULT_MAX_UPLOAD), spool_dir=None,
-                 upload_token=None, download_token=None, tls=None):
+                 upload_token=None, download_token=None, tls=None,
+                 reuse_port=False):
     """The upload and download servers, bound but not yet serving."""
     servers = []
     for port, handler, token in ((upload_port, UploadHandler, upload_token),
                                  (download_port, DownloadHandler, download_token)):
-        srv = Server((host, port), handler)
+        srv = Server((host, port), handler, reuse_port)
         srv.cluster = cluster
         srv.max_upload = max_upload
         srv.spool_dir = spool_dir
@@ -884,6 +893,8 @@ def main(argv=None):
                         help="seconds to wait on a blob-server (default %(default)s)")
     parser.add_argument("--spool-dir", help="where large uploads are spooled "
                         "(default: the system temp directory)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes sharing the ports (default 1)")
     parser.add_argument("--admin-host", default="127.0.0.1",
                         help="address of the admin port (default %(default)s)")
     parser.add_argument("--admin-port", type=int, default=9993,
@@ -909,17 +920,20 @@ def main(argv=None):
                            token=read_token(args.cluster_token)))
     errors = RecentErrors()
     log.addHandler(errors)
+    options = (args.max_upload, args.spool_dir, read_token(args.upload_token),
+               read_token(args.download_token), tls_context(args.tls_cert, args.tls_key),
+               args.workers > 1)
     try:
         servers = make_servers(cluster, args.api_host, args.upload_port,
-                               args.download_port, args.max_upload, args.spool_dir,
-                               read_token(args.upload_token),
-                               read_token(args.download_token),
-                               tls_context(args.tls_cert, args.tls_key))
+                               args.download_port, *options)
         servers.append(make_admin_server(cluster, (args.admin_host, args.admin_port),
                                          servers[0].metrics, errors.lines))
+        workers = [servers]
+        while len(workers) < args.workers:
+            workers.append(make_servers(cluster, args.api_host, servers[0].server_port,
+                                        servers[1].server_port, *options))
     except OSError as e:
         parser.exit(1, "sos-server: cannot listen: %s\n" % e)
-    cluster.watch_health()
     scheme = "https" if servers[0].tls else "http"
     print("Launching API-server")
     print("upload service   %s://%s:%d/upload" % (scheme, args.api_host,
@@ -930,7 +944,8 @@ def main(argv=None):
                                                    servers[2].server_port))
     dump(groups)
     sys.stdout.flush()
-    sys.exit(serve(servers))
+    # The admin port, and so /metrics, shows the first process's figures.
+    sys.exit(serve_workers(workers, cluster.watch_health))
 
 
 if __name__ == "__main__":
