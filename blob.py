@@ -401,11 +401,17 @@ class BlobStore:
                     # that the next upload of this id adopts: still one writer's.
                     mtmp, _ = self._write_temp([json.dumps(meta).encode()])
                     self._link(mtmp, leaf, blob_id + ".json")
+                ino = os.stat(tmp, dir_fd=self.tmp_fd).st_ino
                 if hasher:
                     os.rename(tmp, blob_id, src_dir_fd=self.tmp_fd, dst_dir_fd=leaf)
                 elif not exists:
                     self._link(tmp, leaf, blob_id)
-                os.fsync(leaf)
+                try:
+                    os.fsync(leaf)
+                except OSError:
+                    if not exists:
+                        self._take_back(leaf, blob_id, ino)
+                    raise
             finally:
                 os.close(leaf)
         except OSError as e:
@@ -427,6 +433,17 @@ class BlobStore:
             pass
         finally:
             os.unlink(tmp, dir_fd=self.tmp_fd)
+
+    @staticmethod
+    def _take_back(leaf, name, ino):
+        """Unlink name if it is still the file this upload put there: when
+        its directory fails to fsync, the upload fails (5xx), and a failed
+        upload must leave nothing behind.  A concurrent writer's file stays."""
+        try:
+            if os.stat(name, dir_fd=leaf, follow_symlinks=False).st_ino == ino:
+                os.unlink(name, dir_fd=leaf)
+        except OSError as e:
+            log.error("cannot take back %s after a failed fsync: %s", name, e)
 
     @staticmethod
     def _exists_in(leaf, name):
@@ -778,6 +795,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if not self.read_head():
                 return
             self.close_connection = not self.keep_alive()
+            # The head is in: the client is no longer late.  Our own work
+            # (a cold /digests of a million blobs takes over 10 s) must not
+            # be cut off; body reads and replies set deadlines of their own.
+            self.server.set_deadline(self, None)
             self.server.set_busy(self, True)
             self.dispatch()
         except HTTPError as e:
@@ -946,6 +967,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if not chunk:
                 raise ConnectionError("body ended early")
             self.body_left -= len(chunk)
+            if not self.body_left:
+                # All read, even if the consumer fails on this last chunk:
+                # drain() must not wait for bytes that will never come.
+                self.body_pending = False
             yield chunk
 
     def _chunked(self):
@@ -1094,9 +1119,10 @@ class Server(http.server.ThreadingHTTPServer):
             self._watched.pop(handler, None)
 
     def set_deadline(self, handler, seconds):
+        """Cut handler's connection `seconds` from now (None: no deadline)."""
         entry = self._watched.get(handler)
         if entry:
-            entry[0] = time.monotonic() + seconds
+            entry[0] = None if seconds is None else time.monotonic() + seconds
 
     def set_busy(self, handler, busy):
         entry = self._watched.get(handler)
@@ -1190,13 +1216,15 @@ def serve_workers(workers, on_start=None):
     return int(code)
 
 
-def setup_logging(verbose, access_log_file=None):
-    """Log to stderr; the access log (Common Log Format) there too, or to a file."""
+def setup_logging(verbose, access_log_file=None, serving=True):
+    """Log to stderr; a server's access log (Common Log Format) there too, or
+    to a file."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
-    access_log.propagate = False
-    access_log.addHandler(AccessLogWriter(access_log_file))
+    if serving:
+        access_log.propagate = False
+        access_log.addHandler(AccessLogWriter(access_log_file))
 
 
 class AccessLogWriter(logging.Handler):
@@ -1232,7 +1260,12 @@ class AccessLogWriter(logging.Handler):
     def _write_forever(self):
         while True:
             time.sleep(0.2)
-            self.flush()
+            try:
+                self.flush()
+            except OSError:
+                # A full or failing log disk costs the lines of this round,
+                # not the writer: without it they would pile up in memory.
+                continue
 
     def flush(self):
         with self.write_lock:
@@ -1496,6 +1529,10 @@ def drop_privileges(store_dir, uid, gid):
         for top, dirs, files in os.walk(store_dir):
             for name in [top] + [os.path.join(top, n) for n in dirs + files]:
                 os.chown(name, uid, gid, follow_symlinks=False)
+    # BlobStore made these as root a moment ago, also in a store that already
+    # belongs to uid (made with `install -d -o nobody`): every write needs them.
+    for name in (TMP_DIR, QUARANTINE_DIR):
+        os.chown(os.path.join(store_dir, name), uid, gid, follow_symlinks=False)
     try:
         # glibc dlopens libgcc_s when a thread exits (for unwinding); after the
         # chroot it couldn't, and the process would abort on its first exit.

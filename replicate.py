@@ -135,9 +135,15 @@ class Replicator:
                                           % (prefix, after, PAGE))
             if status != HTTPStatus.OK or not isinstance(page, list):
                 raise Unreachable("%s: /blobs answered %s" % (member, status))
-            if len(page) > PAGE:
+            # The merge needs ascending ids.  The original's whole, unsorted
+            # list is no "page" even when it is short, so check what came.
+            paged = len(page) <= PAGE and all(
+                isinstance(i, str) and i > after and i.startswith(prefix)
+                for i in page) and all(x < y for x, y in zip(page, page[1:]))
+            if not paged:
                 yield from sorted(i for i in set(page) if isinstance(i, str)
-                                  and i.startswith(prefix) and valid_id(i))
+                                  and i > after and i.startswith(prefix)
+                                  and valid_id(i))
                 return
             yield from page
             if len(page) < PAGE:
@@ -338,10 +344,9 @@ def main(argv=None):
     parser.add_argument("--cluster-token", metavar="FILE",
                         help="shared secret of the blob-servers")
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, serving=False)
     if not args.verbose:
         logging.getLogger("replicate").setLevel(logging.WARNING)
-    logging.getLogger("access").setLevel(logging.WARNING)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
     try:

@@ -243,7 +243,7 @@ def test_access_log_file_in_common_log_format_reopens_on_sighup(blob_process, tm
     os.rename(log, logs / "access.log.1")
     b.proc.send_signal(signal.SIGHUP)
     # The server must keep running and write to a fresh file after SIGHUP.
-    wait_for(lambda: request(b.url + "/alive")[0] == 200 and log.exists(),
-             what="access log reopened")
-    assert "GET /alive" in log.read_text() and "POST" not in log.read_text()
+    wait_for(lambda: request(b.url + "/alive")[0] == 200 and log.exists()
+             and "GET /alive" in log.read_text(), what="access log reopened")
+    assert "POST" not in log.read_text()
     assert "POST /blob/abc" in (logs / "access.log.1").read_text()
