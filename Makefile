@@ -1,0 +1,51 @@
+# SOS: the everyday commands.  `make run` needs only python3; `make test`
+# makes .venv (pyenv's or any python3) with the test tools; `make dist` and
+# `make smoke` need root on Debian (they apt-get what they miss).
+#
+#   make run                    blob-servers on 4001/4002 + sos-server, Ctrl-C stops
+#   make test PYTEST_ARGS='-k blob -x'
+#   make dist                   dist/{blob-server,sos-server,replicate}, static
+#   make smoke                  those binaries, each in an empty chroot
+#   make deb                    dist/sos_<version>_amd64.deb
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PYTEST_ARGS ?=
+# Read only by the recipes that need it (recursive =).
+VERSION      = $(shell $(PYTHON) -c 'import blob; print(blob.VERSION)')
+
+.PHONY: run test dist smoke deb bench soak clean
+
+run:
+	PYTHON=$(PYTHON) packaging/run-local.sh
+
+$(VENV)/.installed: requirements-test.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-test.txt
+	touch $@
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q tests $(PYTEST_ARGS)
+
+dist: dist/.built
+
+# Rebuilt when a program or the build script changes.
+dist/.built: blob.py sos.py replicate.py packaging/build.sh
+	packaging/build.sh
+	touch $@
+
+smoke: dist
+	packaging/smoke.sh
+
+deb: dist
+	packaging/deb.sh $(VERSION)
+
+bench:
+	PYTHON=$(PYTHON) bash bench/run.sh
+
+soak: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q tests/faults -m soak $(PYTEST_ARGS)
+
+clean:
+	rm -rf build dist .pytest_cache .hypothesis
+	find . -path './.venv*' -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

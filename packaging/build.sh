@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Build the three SOS programs as fully static single-file executables.
+#
+#   packaging/build.sh                    # dist/blob-server dist/sos-server dist/replicate
+#   packaging/build.sh NAME=SCRIPT ...    # other programs (used to try the machinery out)
+#
+# How: PyInstaller --onefile turns each script plus the Python runtime into one
+# dynamically linked executable, then staticx wraps that with its own libc and
+# loader, so the result runs in an empty chroot (`ldd` says "not a dynamic
+# executable").
+#
+# Why Debian's /usr/bin/python3 and not pyenv's: staticx refuses executables
+# whose libraries carry a RUNPATH, and pyenv's libpython has one.  The build
+# venv (.venv-build/, made on first use) therefore comes from /usr/bin/python3.
+#
+# Why `staticx --no-compress`: staticx compresses with xz, which costs ~250 ms
+# of decompression on every start; PyInstaller's own archive is already zlib
+# compressed, so xz only saved ~2 MB.  See STARTUP/SIZE budgets below.
+#
+# Each binary unpacks itself to $TMPDIR (default /tmp) at every start and
+# removes that on exit, so /tmp must exist and be writable where it runs.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+
+BUILD_PYTHON=${BUILD_PYTHON:-/usr/bin/python3}
+BUILD_VENV=${BUILD_VENV:-$ROOT/.venv-build}
+PYINSTALLER_VERSION=${PYINSTALLER_VERSION:-6.22.3}
+STATICX_VERSION=${STATICX_VERSION:-0.14.2}
+MAX_SIZE=${MAX_SIZE:-$((15 * 1024 * 1024))}     # bytes, per binary
+MAX_HELP_MS=${MAX_HELP_MS:-500}                 # --help wall time, warn only
+DIST=${DIST:-$ROOT/dist}
+BUILD=${BUILD:-$ROOT/build}
+
+# Standard-library parts the programs never use.  Leaving them out makes the
+# binaries smaller and quicker to unpack.  Do not add anything the programs
+# import (directly or at first use after chroot): email, http, json, hashlib,
+# ssl, ctypes, mimetypes, urllib, logging, socketserver, encodings stay in.
+EXCLUDES=(
+    tkinter _tkinter turtle turtledemo idlelib
+    unittest doctest pydoc pydoc_data pdb lib2to3 distutils ensurepip venv
+    test sqlite3 _sqlite3 curses _curses readline dbm xmlrpc
+    decimal _decimal _pydecimal fractions statistics
+    bz2 _bz2 lzma _lzma tarfile
+    # East-Asian multibyte codecs (~1 MB); utf-8, latin-1, ascii and idna
+    # are unaffected.
+    _multibytecodec _codecs_cn _codecs_hk _codecs_iso2022 _codecs_jp
+    _codecs_kr _codecs_tw
+)
+
+die() { echo "build.sh: ERROR: $*" >&2; exit 1; }
+say() { echo "build.sh: $*" >&2; }
+
+# --- Tools ---------------------------------------------------------------
+
+# What the build really needs from Debian:
+#   patchelf, binutils (objcopy, strip)  staticx
+#   libc-bin (ldd)                       PyInstaller and staticx (always present)
+#   python3-venv                         the build venv
+#   libpython3.X                         PyInstaller bundles the shared libpython
+# No compiler, python3-dev or scons: both tools ship prebuilt bootloaders.
+ensure_apt_packages() {
+    local pyver missing=() p
+    pyver=$("$BUILD_PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
+        || die "$BUILD_PYTHON is not a working Python (apt-get install python3)"
+    for p in patchelf binutils "python$pyver-venv" "libpython$pyver"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    [ "$(id -u)" -eq 0 ] || die "missing Debian packages: ${missing[*]} (run as root, or apt-get install them)"
+    say "installing ${missing[*]}"
+    if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
+
+ensure_venv() {
+    local want="pyinstaller==$PYINSTALLER_VERSION staticx==$STATICX_VERSION"
+    if [ ! -x "$BUILD_VENV/bin/python" ]; then
+        say "creating $BUILD_VENV from $BUILD_PYTHON"
+        "$BUILD_PYTHON" -m venv "$BUILD_VENV"
+    fi
+    # A stamp file, so an up-to-date venv costs nothing.
+    if [ "$(cat "$BUILD_VENV/.sos-build-reqs" 2>/dev/null)" != "$want" ]; then
+        say "installing $want"
+        # shellcheck disable=SC2086
+        "$BUILD_VENV/bin/pip" install -q --disable-pip-version-check $want 2> >(grep -v "is ignored: it is neither" >&2)
+        echo "$want" > "$BUILD_VENV/.sos-build-reqs"
+    fi
+}
+
+# --- Build ---------------------------------------------------------------
+
+build_one() {
+    local name=$1 script=$2 args=() m
+    [ -f "$script" ] || die "$script not found (needed for $name)"
+    for m in "${EXCLUDES[@]}"; do args+=(--exclude-module "$m"); done
+    say "$name: pyinstaller $script"
+    # PYINSTALLER_ZLIB_COMPRESSION_LEVEL: archive compression (9 = default).
+    "$BUILD_VENV/bin/pyinstaller" --onefile --name "$name" \
+        --distpath "$BUILD/pyinstaller" --workpath "$BUILD/work" --specpath "$BUILD/spec" \
+        --noconfirm --clean --log-level WARN --strip \
+        "${args[@]}" "$script"
+    say "$name: staticx"
+    mkdir -p "$DIST"
+    "$BUILD_VENV/bin/staticx" --no-compress "$BUILD/pyinstaller/$name" "$DIST/$name.tmp"
+    chmod 0755 "$DIST/$name.tmp"    # staticx makes it 0700
+    mv -f "$DIST/$name.tmp" "$DIST/$name"
+}
+
+check_one() {
+    local name=$1 bin="$DIST/$1" size ms out
+    out=$(ldd "$bin" 2>&1 || true)
+    case $out in *"not a dynamic executable"*) ;; *) die "$bin is not static: $out" ;; esac
+    size=$(stat -c %s "$bin")
+    [ "$size" -le "$MAX_SIZE" ] || die "$bin is $size bytes, over the $MAX_SIZE budget"
+    "$bin" --version >/dev/null || die "$bin --version failed"
+    # Best of three, so one cold cache does not decide it.
+    ms=$(for _ in 1 2 3; do
+            s=$(date +%s%N); "$bin" --help >/dev/null; e=$(date +%s%N)
+            echo $(((e - s) / 1000000))
+         done | sort -n | head -1)
+    [ "$ms" -le "$MAX_HELP_MS" ] || say "WARNING: $name --help took $ms ms (budget $MAX_HELP_MS ms)"
+    printf '%-14s %6.1f MB  --help %4d ms  %s\n' "$name" "$(awk -v s="$size" 'BEGIN { print s / 1048576 }')" "$ms" "$("$bin" --version 2>&1)"
+}
+
+main() {
+    local targets=("$@") t start
+    [ ${#targets[@]} -gt 0 ] || targets=(blob-server=blob.py sos-server=sos.py replicate=replicate.py)
+    start=$(date +%s)
+    ensure_apt_packages
+    ensure_venv
+    for t in "${targets[@]}"; do
+        [[ $t == *=* ]] || die "expected NAME=SCRIPT, got '$t'"
+        build_one "${t%%=*}" "${t#*=}"
+    done
+    for t in "${targets[@]}"; do check_one "${t%%=*}"; done
+    say "built ${#targets[@]} binaries in $(($(date +%s) - start)) s"
+}
+
+main "$@"
