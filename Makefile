@@ -3,7 +3,7 @@
 # `make smoke` need root on Debian (they apt-get what they miss).
 #
 #   make run                    blob-servers on 4001/4002 + sos-server, Ctrl-C stops
-#   make test PYTEST_ARGS='-k blob -x'
+#   make test PYTEST_ARGS='-k blob -x'   or   make test TESTS=tests/test_blob.py
 #   make dist                   dist/{blob-server,sos-server,replicate}, static
 #   make smoke                  those binaries, each in an empty chroot
 #   make deb                    dist/sos_<version>_amd64.deb
@@ -11,6 +11,7 @@
 PYTHON      ?= python3
 VENV        ?= .venv
 PYTEST_ARGS ?=
+TESTS       ?= tests
 # Read only by the recipes that need it (recursive =).
 VERSION      = $(shell $(PYTHON) -c 'import blob; print(blob.VERSION)')
 
@@ -25,7 +26,7 @@ $(VENV)/.installed: requirements-test.txt
 	touch $@
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q tests $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS) $(TESTS)
 
 dist: dist/.built
 

@@ -1161,17 +1161,23 @@ class Server(http.server.ThreadingHTTPServer):
         return not self.busy()
 
 
+SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
 def serve(servers, on_stop=None):
-    """Run servers until SIGTERM or SIGINT, then drain them; returns exit code."""
-    stop = threading.Event()
+    """Run servers until SIGTERM or SIGINT, then drain them; returns exit code.
+
+    Signals are blocked and taken with sigwait rather than handled: a handler
+    runs between two bytecodes of the main thread, and one that set an Event
+    while the main thread was inside Event.wait() deadlocked on its lock.
+    Threads inherit the mask, so it must be set before any thread starts."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     threading.stack_size(512 * 1024)    # thousands of idle clients stay cheap
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: reopen_logs())
     for srv in servers:
         threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2},
                          daemon=True).start()
-    stop.wait()
+    while signal.sigwait(SIGNALS) == signal.SIGHUP:
+        reopen_logs()
     log.info("shutting down: draining in-flight requests")
     ok = all([srv.drain() for srv in servers])
     if on_stop:
@@ -1191,6 +1197,7 @@ def serve_workers(workers, on_start=None):
     across them.  This process serves the first worker and, on SIGTERM,
     stops the others and waits for them.  on_start runs in every process
     once forked (threads don't survive a fork, so none may start before)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)     # see serve()
     children = []
     for servers in workers[1:]:
         pid = os.fork()
@@ -1273,13 +1280,21 @@ class AccessLogWriter(logging.Handler):
             while self.lines:
                 lines.append(self.lines.popleft())
             if self.path and self.reopen:
-                if self.stream:
-                    self.stream.close()
-                name = os.path.basename(self.path)
-                self.stream = open(name, "a", encoding="utf-8", opener=lambda _, f:
-                                   os.open(name, f | os.O_NOFOLLOW, 0o644,
-                                           dir_fd=self.dir_fd))
                 self.reopen = False
+                name = os.path.basename(self.path)
+                try:
+                    stream = open(name, "a", encoding="utf-8", opener=lambda _, f:
+                                  os.open(name, f | os.O_NOFOLLOW, 0o644,
+                                          dir_fd=self.dir_fd))
+                except OSError as e:
+                    if not self.stream:
+                        raise               # at start-up: a bad path is fatal
+                    log.error("cannot reopen %s, still writing the old file: %s",
+                              self.path, e)
+                else:
+                    if self.stream:
+                        self.stream.close()
+                    self.stream = stream
             if lines:
                 out = self.stream or sys.stderr
                 out.write("\n".join(lines) + "\n")

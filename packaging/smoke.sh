@@ -217,7 +217,9 @@ main() {
     say "ok: blob-servers answer /alive: $got"
     pids=$(chrooted_in "$WORK/blob1/data1")
     [ -n "$pids" ] || fail "no process of blob-server 1 has chrooted into $WORK/blob1/data1"
-    case " $pids" in *:0*) fail "blob-server 1 still runs as root inside its store (pid:uid $pids)" ;; esac
+    for b in $pids; do
+        [ "${b#*:}" != 0 ] || fail "blob-server 1 still runs as root inside its store (pid:uid $pids)"
+    done
     say "ok: blob-server 1 runs chrooted in its store as non-root (pid:uid $pids)"
 
     # 3. sos-server, then the Quick Start's upload and fetch.
@@ -227,16 +229,18 @@ main() {
     sos=$STARTED
     wait_http "$sos" "http://127.0.0.1:$UPLOAD_PORT/"
     wait_http "$sos" "http://127.0.0.1:$DOWNLOAD_PORT/"
-    got=$(curl -sS --max-time 10 -X POST --data-binary @/etc/passwd \
+    # The README uploads /etc/passwd; a copy, in case something edits it meanwhile.
+    cp /etc/passwd "$WORK/passwd"
+    got=$(curl -sS --max-time 10 -X POST --data-binary @"$WORK/passwd" \
         "http://127.0.0.1:$UPLOAD_PORT/upload") || fail "upload failed: $got"
     say "upload replied: $got"
     id=$(printf '%s' "$got" | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])') \
         || fail "upload reply has no JSON \"id\": $got"
-    sum=$(sha1sum </etc/passwd | cut -d' ' -f1)
+    sum=$(sha1sum <"$WORK/passwd" | cut -d' ' -f1)
     [ "$id" = "$sum" ] || fail "upload id $id is not the SHA1 of the body ($sum)"
     curl -fsS --max-time 10 "http://127.0.0.1:$DOWNLOAD_PORT/fetch/$id" -o "$WORK/fetched" \
         || fail "GET /fetch/$id failed"
-    cmp -s "$WORK/fetched" /etc/passwd || fail "fetched object differs from /etc/passwd"
+    cmp -s "$WORK/fetched" "$WORK/passwd" || fail "fetched object differs from the upload"
     say "ok: fetch/$id returns the uploaded bytes"
     got=$(curl -fsS --max-time 10 -o /dev/null -w '%{content_type}' \
         "http://127.0.0.1:$DOWNLOAD_PORT/fetch/$id.txt") || fail "GET /fetch/$id.txt failed"
@@ -272,7 +276,7 @@ main() {
     for b in "$BLOB1_PORT" "$BLOB2_PORT"; do
         curl -fsS --max-time 10 "http://127.0.0.1:$b/blob/$id" -o "$WORK/blob-$b" \
             || fail "blob-server on port $b does not hold $id after replicate"
-        cmp -s "$WORK/blob-$b" /etc/passwd || fail "blob-server on port $b holds different bytes for $id"
+        cmp -s "$WORK/blob-$b" "$WORK/passwd" || fail "blob-server on port $b holds different bytes for $id"
     done
     curl -fsS --max-time 10 "http://127.0.0.1:$BLOB1_PORT/blob/$id2" -o "$WORK/copied" \
         || fail "replicate did not copy $id2 from blob-server 2 to blob-server 1"
