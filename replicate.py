@@ -96,7 +96,7 @@ class Replicator:
     """Brings one group's members into agreement; knows the blob-server API,
     not our command line."""
 
-    def __init__(self, pool, jobs=4, dry_run=False, progress=None):
+    def __init__(self, pool, jobs=16, dry_run=False, progress=None):
         self.pool = pool
         self.jobs = jobs
         self.dry_run = dry_run
@@ -331,7 +331,8 @@ def main(argv=None):
     add_cluster_args(parser)
     parser.add_argument("--dry-run", action="store_true",
                         help="say what would be copied, copy nothing")
-    parser.add_argument("--jobs", type=int, default=4,
+    # Copies wait mostly on the receiver's fsyncs, so many can overlap.
+    parser.add_argument("--jobs", type=int, default=16,
                         help="parallel transfers (default %(default)s)")
     parser.add_argument("--group", help="sync only this group")
     parser.add_argument("--scrub", action="store_true",
