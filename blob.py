@@ -77,6 +77,7 @@ PAD = "-"                 # sorts before every id character: see BlobStore.shard
 TMP_DIR = ".tmp"
 QUARANTINE_DIR = ".quarantine"
 CHUNK = 256 * 1024
+SMALL_BODY = 64 * 1024    # replies up to this size go out in a single write
 SPACE_CHECK_EVERY = 16 * 1024 * 1024
 RACY_SECONDS = 2.0        # a leaf changed this recently may change again unseen
 
@@ -147,6 +148,12 @@ def blob_metadata(pairs):
         raise BadMetadata("too much X-* metadata (max %d headers, %d bytes)"
                           % (MAX_META_HEADERS, MAX_META_BYTES))
     return meta
+
+
+def compatible(shard_path, prefix):
+    """Can ids starting with prefix live under shard_path ("ab", "abcd")?"""
+    stem = shard_path.rstrip(PAD)
+    return stem.startswith(prefix) or prefix.startswith(stem)
 
 
 # --- Storage ---------------------------------------------------------------
@@ -491,13 +498,23 @@ class BlobStore:
 
     def _subdirs(self, fd):
         """Sorted names of the real (non-symlink) subdirectories of fd."""
-        with os.scandir(fd) as it:
-            return sorted(e.name for e in it if len(e.name) == 2
-                          and e.is_dir(follow_symlinks=False))
+        # Descriptors dup'ed from one fd share its read position, so two
+        # threads scanning root_fd at once (a listing, /stats, warm()) would
+        # skip and repeat each other's entries: scan a private open of it.
+        own = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+        try:
+            with os.scandir(own) as it:
+                return sorted(e.name for e in it if len(e.name) == 2
+                              and e.is_dir(follow_symlinks=False))
+        finally:
+            os.close(own)
 
-    def leaves(self):
-        """Yield (d1, d2) for every leaf directory, in sorted order."""
+    def leaves(self, want=None):
+        """Yield (d1, d2) for every leaf directory, in sorted order; with
+        want, only under the first-level directories it accepts."""
         for d1 in self._subdirs(self.root_fd):
+            if want and not want(d1):
+                continue
             try:
                 fd1 = self._open_dir(self.root_fd, d1)
             except OSError:
@@ -535,11 +552,9 @@ class BlobStore:
         if limit is not None and limit <= 0:
             return
         start = self.shard(after) if after else None
-        for d1, d2 in self.leaves():
-            if start and (d1, d2) < start:
-                continue
-            stem = (d1 + d2).rstrip(PAD)
-            if not (stem.startswith(prefix) or prefix.startswith(stem)):
+        for d1, d2 in self.leaves(lambda d1: (not start or d1 >= start[0]) and
+                                  compatible(d1, prefix)):
+            if start and (d1, d2) < start or not compatible(d1 + d2, prefix):
                 continue
             for blob_id, _ in self._leaf_entries(d1, d2):
                 if (after and blob_id <= after) or not blob_id.startswith(prefix):
@@ -960,6 +975,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                      - (time.monotonic() - start))
             yield chunk
         self.body_pending = False
+        # The deadline paces the client's sending.  Once all is in, our own
+        # work (fsync, or the sos-server's upstream calls, bounded by their
+        # own timeouts) must not be cut short: the client would see a dropped
+        # connection for an upload that may well have been stored.
+        self.server.set_deadline(self, None)
 
     def _sized(self, length):
         while self.body_left:
@@ -1013,8 +1033,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # Replies.
 
-    def send_head(self, status, headers=(), length=None):
-        """Send the status line and headers; the caller sends `length` bytes."""
+    def send_head(self, status, headers=(), length=None, body=b""):
+        """Send the status line and headers, and body if given (one write for
+        a small reply); the caller sends the rest of `length` bytes."""
         status = HTTPStatus(status)
         out = ["HTTP/1.1 %d %s\r\n" % (status, status.phrase)]
         out.append("Server: %s\r\nDate: %s\r\n" % (self.server.version,
@@ -1026,7 +1047,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.close_connection:
             out.append("Connection: close\r\n")
         out.append("\r\n")
-        self.wfile.write("".join(out).encode("latin-1"))
+        self.wfile.write("".join(out).encode("latin-1") + body)
         self.head_sent = True
         self.status = status
         self.sent = length or 0
@@ -1042,9 +1063,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         headers = list(headers)
         if body or content_type:
             headers.append(("Content-Type", content_type))
-        self.send_head(status, headers, len(body))
-        if body and self.command != "HEAD":
-            self.wfile.write(body)
+        self.send_head(status, headers, len(body),
+                       body if self.command != "HEAD" else b"")
 
     def send_json(self, status, obj, headers=()):
         self.send(status, json.dumps(obj).encode() + b"\n", headers,
@@ -1409,9 +1429,21 @@ class BlobHandler(Handler):
                 self.headers, blob_id, size)
             if status == HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE:
                 raise HTTPError(status, headers=extra)
-            self.send_head(status, headers + extra,
-                           None if status == HTTPStatus.NOT_MODIFIED else count)
-            if status != HTTPStatus.NOT_MODIFIED:
+            if status == HTTPStatus.NOT_MODIFIED:
+                self.send_head(status, headers)
+            elif count <= SMALL_BODY and self.command == "GET":
+                # A small blob goes out with its head in one write: cheaper
+                # than sendfile's setup, and a file that shrank under us is
+                # found before anything is sent.
+                data = os.pread(f.fileno(), count, offset)
+                if len(data) != count:
+                    log.error("%s: %d of %d bytes: file changed?", blob_id,
+                              len(data), count)
+                    raise HTTPError(HTTPStatus.INTERNAL_SERVER_ERROR,
+                                    "blob changed while being read")
+                self.send_head(status, headers + extra, count, data)
+            else:
+                self.send_head(status, headers + extra, count)
                 self.send_file(f, offset, count)
 
     def do_post(self):

@@ -715,6 +715,9 @@ class DownloadHandler(Handler):
             chunked = length is None and self.command == "GET"
             if chunked:
                 out.append(("Transfer-Encoding", "chunked"))
+            if body.reply is None and not chunked and self.command == "GET":
+                self.send_head(status, out, length, body.first)   # one write
+                return
             self.send_head(status, out, length)
             if self.command == "HEAD":
                 return
