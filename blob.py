@@ -210,6 +210,8 @@ class BlobStore:
         self.quarantine_fd = self._open_dir(self.root_fd, QUARANTINE_DIR)
         self._leaves = {}          # (d1, d2) -> (mtime_ns, count, bytes, xor)
         self._leaves_lock = threading.Lock()
+        self._warming = threading.Event()     # set: no warm() in progress
+        self._warming.set()
 
     def close(self):
         os.close(self.quarantine_fd)
@@ -596,6 +598,7 @@ class BlobStore:
         """{bucket: "count-xorhex"} per first-level directory (two chars).
 
         Equal digests mean equal id sets, with overwhelming probability."""
+        self._warming.wait()
         out = {}
         acc = {}
         for d1, d2 in self.leaves():
@@ -609,6 +612,7 @@ class BlobStore:
 
     def stats(self):
         """Blob count, bytes stored, and disk free/total in bytes."""
+        self._warming.wait()
         count = size = 0
         for d1, d2 in self.leaves():
             c, s, _ = self._leaf_summary(d1, d2)
@@ -657,9 +661,14 @@ class BlobStore:
         return removed, migrated
 
     def warm(self):
-        """Compute every leaf's summary once, so /digests answers fast."""
-        for d1, d2 in self.leaves():
-            self._leaf_summary(d1, d2)
+        """Compute every leaf's summary once, so /digests answers fast.
+        Summaries asked for meanwhile wait for it rather than redo its work."""
+        self._warming.clear()
+        try:
+            for d1, d2 in self.leaves():
+                self._leaf_summary(d1, d2)
+        finally:
+            self._warming.set()
 
 
 # --- HTTP layer, shared with sos.py -----------------------------------------
