@@ -773,8 +773,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.request = self.server.tls.wrap_socket(self.request,
                                                            server_side=True)
             except OSError as e:
+                # wrap_socket has closed the connection: nothing more to set up.
                 log.info("TLS handshake with %s failed: %s", self.client_address[0], e)
                 self.tls_failed = True
+                return
         super().setup()
 
     tls_failed = False
@@ -786,6 +788,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     linger = False
 
     def finish(self):
+        if self.tls_failed:
+            self.server.unwatch(self)
+            return
         try:
             if self.linger:
                 # Closing with unread request bytes makes the kernel send a
@@ -1056,11 +1061,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.close_connection:
             out.append("Connection: close\r\n")
         out.append("\r\n")
+        # Logged before it is sent: once a client has the reply, the log
+        # has the line.
+        self.log_request(status.value, length if length is not None else "-")
         self.wfile.write("".join(out).encode("latin-1") + body)
         self.head_sent = True
         self.status = status
         self.sent = length or 0
-        self.log_request(status.value, length if length is not None else "-")
         if length:
             self.server.set_deadline(self, RATE_GRACE + length / MIN_RATE)
 

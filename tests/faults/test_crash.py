@@ -1,0 +1,315 @@
+"""Rows 4, 5, 6: crashes and I/O errors in the middle of uploads.
+
+A blob-server may die at any instant (kill -9, or killed by strace at the
+k-th call of a syscall) or see fsync/write fail; after a restart every blob
+it lists or serves must be whole and hash to its id (I1), every upload it
+acknowledged must still be there (I2), and no temp file may survive (I6).
+"""
+
+import os
+import random
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from .kit import Tracer, exchange, poll, read_response, scaled, sha1
+
+
+def upload_bytes(path, body, headers=()):
+    head = "POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n" % (path, len(body))
+    head += "".join("%s: %s\r\n" % h for h in headers)
+    return head.encode() + b"\r\n" + body
+
+
+def check_store(srv, acknowledged, attempted, verified=None):
+    """Count I1/I2 violations of a (restarted) blob-server.
+
+    acknowledged: {id: body} answered 200; attempted: {id: body} of every
+    upload begun; verified: ids already fetched and found whole, which are
+    not fetched again (a blob file is never rewritten in place), and to
+    which the good ones are added.  Returns (violations, lost ids, messages)."""
+    bad = []
+    verified = set() if verified is None else verified
+    listed = srv.ids()
+    for blob_id in listed:
+        if blob_id in verified:
+            continue
+        verified.add(blob_id)
+        status, _, data = srv.get(blob_id)
+        want = attempted.get(blob_id)
+        if blob_id not in attempted:
+            bad.append("%s: listed but never uploaded" % blob_id)
+        elif status != 200:
+            bad.append("%s: listed but %d" % (blob_id, status))
+        elif data != want or (len(blob_id) == 40 and sha1(data) != blob_id):
+            bad.append("%s: %d bytes served, not the %d uploaded" % (blob_id, len(data), len(want)))
+        else:
+            continue
+        verified.discard(blob_id)
+    lost = [i for i in acknowledged if i not in listed]
+    bad += ["%s: acknowledged, then lost" % i for i in lost]
+    if srv.tmp_files():
+        bad.append("temp files after restart: %s" % srv.tmp_files())
+    return len(bad), set(lost), bad
+
+
+# --- Row 4: kill -9 at a random moment of concurrent uploads -----------------------
+
+class Uploader(threading.Thread):
+    """Uploads random bodies over raw sockets in random-sized pieces until
+    stopped or the server dies; records what was begun and acknowledged."""
+
+    def __init__(self, url, rng, attempted, acknowledged, lock, path="/blob/%s"):
+        super().__init__(daemon=True)
+        self.url, self.rng, self.path = url, rng, path
+        self.attempted, self.acknowledged, self.lock = attempted, acknowledged, lock
+        self.stop = threading.Event()
+        self.refused = []                # statuses other than 200 (and 503 from sos)
+
+    def run(self):
+        host, port = self.url.split("//")[1].rsplit(":", 1)
+        while not self.stop.is_set():
+            r = self.rng
+            body = r.randbytes(r.choice((0, 1, 1000, 65536, 300000, 2 << 20)))
+            blob_id = sha1(body)
+            with self.lock:
+                self.attempted[blob_id] = body
+            data = upload_bytes(self.path.replace("%s", blob_id), body)
+            try:
+                with socket.create_connection((host, int(port)), timeout=10) as sock:
+                    pos = 0
+                    while pos < len(data):
+                        n = r.randrange(1, 200000)
+                        sock.sendall(data[pos:pos + n])
+                        pos += n
+                        if r.random() < 0.3:
+                            time.sleep(r.random() * 0.01)   # uneven pace, as real clients
+                    resp = read_response(sock, time.monotonic() + 10)
+            except OSError:
+                return                   # the server died under us
+            if resp is None:
+                return
+            if resp.complete and resp.status == 200:
+                with self.lock:
+                    self.acknowledged[blob_id] = body
+            elif resp.complete and resp.status not in (200, 503):
+                self.refused.append(resp.status)      # (a cut-off 200 is no answer)
+
+
+def test_kill_9_mid_upload_loses_no_acknowledged_blob_and_leaves_no_partial_one(
+        procs, figures, rng):
+    srv = procs.blob()
+    attempted, acknowledged = {}, {}
+    lock = threading.Lock()
+    trials = scaled(25)
+    violations = 0
+    lost = set()              # acknowledged ids ever missing after a restart
+    messages = []
+    verified = set()
+    for trial in range(trials):
+        uploaders = [Uploader(srv.url, random.Random(rng.random()), attempted,
+                              acknowledged, lock) for _ in range(3)]
+        for u in uploaders:
+            u.start()
+        time.sleep(rng.uniform(0.01, 0.4))      # the fault's random moment
+        srv.kill()
+        for u in uploaders:
+            u.stop.set()
+            u.join(30)
+        bad = ["refused with %d" % s for u in uploaders for s in u.refused]
+        srv.start()
+        v, gone, more = check_store(srv, acknowledged, attempted, verified)
+        violations += v + len(bad)
+        lost |= gone
+        messages += ["trial %d: %s" % (trial, b) for b in bad + more]
+    v, gone, bad = check_store(srv, acknowledged, attempted)    # all, once more
+    violations += v
+    lost |= gone
+    messages += ["at the end: %s" % b for b in bad]
+    figures.add(4, trials, violations, len(lost), rng.seed_value,
+                "%d acknowledged, %d begun" % (len(acknowledged), len(attempted)))
+    assert acknowledged, "no upload completed before the kills: the test tested nothing"
+    assert not messages
+
+
+def test_kill_9_of_sos_server_mid_upload_leaves_blob_servers_clean(procs, figures, rng):
+    c = procs.cluster((("g1", 2),))
+    members = c.members
+    levels = [m.level() for m in members]
+    trials = scaled(4)
+    bad = []
+    for trial in range(trials):
+        attempted, acknowledged = {}, {}
+        uploaders = [Uploader(c.sos.up, random.Random(rng.random()), attempted,
+                              acknowledged, threading.Lock(), "/upload")
+                     for _ in range(3)]
+        for u in uploaders:
+            u.start()
+        time.sleep(rng.uniform(0.05, 0.4))
+        c.sos.kill()
+        for u in uploaders:
+            u.stop.set()
+            u.join(30)
+            bad += ["trial %d: refused with %d" % (trial, s) for s in u.refused]
+        for m, level in zip(members, levels):
+            # The sos-server's connections die with it: each blob-server must
+            # drop its half-written temp files and handler threads.
+            try:
+                poll(lambda: not m.tmp_files(), 15, what="temp files to go")
+            except AssertionError:
+                bad.append("trial %d: %s kept temp files %s" % (trial, m.url, m.tmp_files()))
+            now = m.settled(level)
+            if now[0] > level[0] or now[1] > level[1]:
+                bad.append("trial %d: %s threads/fds %s, started at %s"
+                           % (trial, m.url, now, level))
+        c.sos.start()
+        for blob_id, body in acknowledged.items():
+            status, _, data = c.sos.fetch(blob_id)
+            if status != 200 or data != body:
+                bad.append("trial %d: acknowledged %s fetched as %d" % (trial, blob_id, status))
+    figures.add(4, trials, len(bad), seed=rng.seed_value, note="%d sos-server kills" % trials)
+    assert not bad
+
+
+# --- Row 5: SIGKILL at the k-th call of each syscall the write path makes --------
+
+SYSCALLS = ("write", "fsync", "openat", "mkdirat", "renameat", "linkat",
+            "unlinkat", "sendto")
+CASES = {"0 B": (0, "content"), "1 B": (1, "content"), "1 MiB": (1 << 20, "content"),
+         "1 B, named": (1, "named")}
+
+
+class Sweep:
+    """Fresh uploads to one blob-server, each with strace killing it at the
+    k-th call of a syscall in the thread that handles the upload (strace
+    counts per thread; every connection gets a new thread)."""
+
+    def __init__(self, srv, size, kind, rng):
+        self.srv, self.size, self.kind, self.rng = srv, size, kind, rng
+        self.attempted, self.acknowledged, self.verified = {}, {}, set()
+        self.trials = self.killed = self.unacknowledged_but_stored = 0
+        self.bad = []
+
+    def body(self):
+        """A body and id never uploaded before (new directories, too, most
+        of the time), except for the one empty body."""
+        self.trials += 1
+        while True:
+            body = self.rng.randbytes(self.size)
+            blob_id = sha1(body) if self.kind == "content" else \
+                "n%016x" % self.rng.getrandbits(64)
+            if self.size == 0 or blob_id not in self.attempted:
+                break
+        path = self.srv.path(blob_id)
+        if os.path.exists(path):
+            # Only one empty body exists: remove it (and its directories, so
+            # they are made again) for a fresh write.  It was checked.
+            os.unlink(path)
+            for d in (os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+                os.rmdir(d)
+            self.verified.discard(blob_id)
+            self.acknowledged.pop(blob_id, None)
+        return blob_id, body
+
+    def trial(self, syscall, k):
+        """One upload with a kill at the k-th syscall; False once k is past
+        the number of calls (the upload completed and the server lives)."""
+        blob_id, body = self.body()
+        self.attempted[blob_id] = body
+        tracer = Tracer(self.srv.pid, "%s:signal=KILL:when=%d" % (syscall, k))
+        try:
+            resp = exchange(self.srv.url, upload_bytes("/blob/" + blob_id, body), 30)
+        except OSError:
+            resp = None
+        ok = resp is not None and resp.complete and resp.status == 200
+        if ok:
+            self.acknowledged[blob_id] = body
+        elif resp is not None and resp.complete:
+            self.bad.append("%s k=%d: answered %d" % (syscall, k, resp.status))
+        died = not ok
+        if died:
+            try:
+                self.srv.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.bad.append("%s k=%d: no reply, yet the server lives" % (syscall, k))
+                died = False
+        tracer.stop()
+        if died or not self.srv.running():
+            self.killed += 1
+            self.srv.start()
+            if blob_id in self.srv.ids() and not ok:
+                self.unacknowledged_but_stored += 1
+        v, _, bad = check_store(self.srv, self.acknowledged, self.attempted, self.verified)
+        self.bad += ["%s k=%d: %s" % (syscall, k, b) for b in bad]
+        return died
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_kill_at_every_step_of_an_upload_leaves_the_whole_blob_or_nothing(
+        procs, figures, rng, case):
+    size, kind = CASES[case]
+    sweep = Sweep(procs.blob(), size, kind, rng)
+    calls = {}
+    for syscall in SYSCALLS:
+        k = 1
+        while sweep.trial(syscall, k):
+            k += 1
+            assert k < 200, "%s: no end to the calls" % syscall
+        calls[syscall] = k - 1
+    print("calls per upload:", calls)
+    figures.add(5, sweep.trials, len(sweep.bad), seed=rng.seed_value,
+                note="%s: %d kills" % (case, sweep.killed))
+    assert sweep.killed >= 4, "strace never killed the server: %s" % calls
+    assert not sweep.bad
+
+
+# --- Row 6: fsync or write fails with EIO ----------------------------------------------
+
+def fresh_body(srv, rng, size):
+    """A random body whose id's directories don't exist yet, so its upload
+    makes all four fsyncs: temp file, new d1 in the root, new d2, leaf."""
+    while True:
+        body = rng.randbytes(size)
+        blob_id = sha1(body)
+        if not os.path.exists(os.path.join(srv.store, blob_id[:2])):
+            return blob_id, body
+
+
+@pytest.mark.parametrize("syscall,calls", [("fsync", 4), ("write", 1)])
+def test_an_io_error_is_a_5xx_commits_nothing_is_not_retried_and_the_next_upload_succeeds(
+        procs, figures, rng, tmp_path, syscall, calls):
+    """EIO from the k-th fsync (the temp file's, then each new directory's
+    and the blob's directory's) or from the first data write."""
+    srv = procs.blob()
+    srv.ignore_tracebacks = True          # a 500 is logged with its traceback
+    bad = []
+    trials = 0
+    for k in range(1, calls + 1):
+        for _ in range(scaled(3)):
+            trials += 1
+            blob_id, body = fresh_body(srv, rng, rng.choice((1, 1000, 300000)))
+            trace = str(tmp_path / "strace.out")
+            tracer = Tracer(srv.pid, "%s:error=EIO:when=%d" % (syscall, k),
+                            trace=syscall, log_path=trace)
+            status = srv.post(blob_id, body)[0]
+            tracer.stop()
+            with open(trace) as f:
+                failed = sum("(INJECTED)" in line and "write(2," not in line
+                             for line in f)   # not the log writer's
+            if not 500 <= status < 600:
+                bad.append("%s #%d EIO: answered %d" % (syscall, k, status))
+            if failed != 1:
+                bad.append("%s #%d EIO: %d calls failed, expected 1 (a retry?)"
+                           % (syscall, k, failed))
+            if blob_id in srv.ids() or os.path.exists(srv.path(blob_id)):
+                bad.append("%s #%d EIO: the blob was committed" % (syscall, k))
+            if srv.tmp_files():
+                bad.append("%s #%d EIO: temp files left: %s" % (syscall, k, srv.tmp_files()))
+            status = srv.post(blob_id, body)[0]
+            if status != 200 or srv.get(blob_id)[2] != body:
+                bad.append("%s #%d EIO: the next upload answered %d" % (syscall, k, status))
+    figures.add(6, trials, len(bad), seed=rng.seed_value)
+    assert not bad

@@ -1,0 +1,247 @@
+"""Row 21 and the long variants of rows 1, 4 and 17: `make soak`.
+
+Only run with -m soak.  Together they take SOAK_MINUTES (default 10); each
+test has its share of that time and stops starting new trials when it is
+used up.  The chaos soak runs a whole cluster through kill -9, freezes
+(SIGSTOP: a partition as the sos-server sees it, connections that go
+nowhere), bit flips and a near-full disk while a client uploads and
+fetches, then heals everything, runs replicate --scrub once and checks
+every invariant.
+"""
+
+import http.client
+import os
+import random
+import signal
+import threading
+import time
+import warnings
+
+import pytest
+from hypothesis import strategies as st
+from hypothesis.errors import NonInteractiveExampleWarning
+
+from .kit import SOAK_MINUTES, flip_bit, mount_ext4, replicate, sha1, stored, umount
+from .test_bad_input import judge, mutated, responses
+from .test_crash import Uploader, check_store
+
+pytestmark = pytest.mark.soak
+
+SHARES = {"chaos": 0.55, "kill": 0.2, "round-trip": 0.1, "fuzz": 0.15}
+
+
+def budget(name):
+    """The monotonic time at which this soak test must stop starting trials."""
+    return time.monotonic() + SOAK_MINUTES * 60 * SHARES[name]
+
+
+def test_soak_chaos_loses_nothing_serves_nothing_corrupt_and_does_not_drift(
+        procs, figures, rng, tmp_path):
+    end = budget("chaos")
+    # One member's store is on a filesystem of its own, which the chaos
+    # fills to within a few MiB and frees again: ext4 in a sparse image, so
+    # the ballast (fallocated) costs neither memory nor real disk.
+    disk = tmp_path / "near-full"
+    mount_ext4(disk, tmp_path / "near-full.img", int(1024 * max(2, SOAK_MINUTES / 5)))
+    try:
+        _chaos(procs, figures, rng, disk, end)
+    finally:
+        procs.stop_all()
+        umount(disk)
+
+
+def _chaos(procs, figures, rng, disk, end):
+    groups = {"g1": [procs.blob("g1-0"), procs.blob("g1-1")],
+              "g2": [procs.blob("g2-0"), procs.blob("g2-1", store=disk / "store")]}
+    ballast = disk / "ballast"
+    sos = procs.sos(list(groups.items()), "--timeout", "5")
+    members = [m for ms in groups.values() for m in ms]
+    acknowledged = {}
+    counts = dict.fromkeys(("ops", "uploads", "fetches", "kills", "freezes", "flips",
+                            "fills", "I3", "I4", "unanswered", "unavailable"), 0)
+    frozen, dead, flipped = {}, {}, set()
+    warm_level = warm_rss = None
+    warm_at = time.monotonic() + (end - time.monotonic()) * 0.1
+
+    def heal(all_=False):
+        now = time.monotonic()
+        for m, until in list(frozen.items()):
+            if all_ or now > until:
+                os.kill(m.pid, signal.SIGCONT)
+                del frozen[m]
+        for m, until in list(dead.items()):
+            if all_ or now > until:
+                m.start()
+                del dead[m]
+
+    while time.monotonic() < end:
+        counts["ops"] += 1
+        heal()
+        if warm_level is None and time.monotonic() > warm_at:
+            warm_level, warm_rss = sos.level(), sos.rss()
+        r = rng.random()
+        up = [m for m in members if m not in frozen and m not in dead]
+        if r < 0.55:
+            body = rng.randbytes(rng.choice((0, 10, 1000, 100000, 1 << 20, 4 << 20)))
+            headers = {"X-Soak": str(counts["ops"])}
+            counts["uploads"] += 1
+            try:
+                status, reply = sos.upload(body, headers)
+            except (OSError, http.client.HTTPException):
+                status = None          # the sos-server must answer, 200 or 503
+                counts["unanswered"] += 1
+            if status == 200:
+                acknowledged[reply["id"]] = body
+                got = fetch(sos, reply["id"])
+                counts["I3"] += got[0] != 200 and not (frozen or dead) and \
+                    reply["id"] not in flipped
+                counts["I4"] += got[0] == 200 and got[1] != body
+            elif status not in (503, None):
+                counts["I3"] += 1
+        elif r < 0.85 and acknowledged:
+            blob_id = rng.choice(list(acknowledged))
+            counts["fetches"] += 1
+            status, data = fetch(sos, blob_id)
+            counts["I4"] += status == 200 and data != acknowledged[blob_id]
+            counts["unavailable"] += status != 200
+        elif r < 0.88 and up:
+            m = rng.choice(up)
+            m.kill()
+            dead[m] = time.monotonic() + rng.uniform(0, 5)
+            counts["kills"] += 1
+        elif r < 0.91:
+            if os.path.exists(ballast):
+                os.unlink(ballast)
+            else:
+                st = os.statvfs(disk)
+                room = st.f_bavail * st.f_frsize - (rng.randrange(1, 8) << 20)
+                if room > 0:
+                    with open(ballast, "wb") as f:
+                        os.posix_fallocate(f.fileno(), 0, room)
+                    counts["fills"] += 1
+        elif r < 0.95 and up:
+            m = rng.choice(up)
+            os.kill(m.pid, signal.SIGSTOP)
+            frozen[m] = time.monotonic() + rng.uniform(0.5, 8)
+            counts["freezes"] += 1
+        elif up:
+            m = rng.choice(up)
+            files = stored(m.store)
+            if files:
+                blob_id = rng.choice(sorted(files))
+                size = os.path.getsize(files[blob_id])
+                # Rot only where a good copy remains somewhere: two faults
+                # on one blob lose it, and that is not what is tested here.
+                spare = any(os.path.exists(o.path(blob_id)) for o in members if o is not m)
+                if size and spare and blob_id not in flipped:
+                    flip_bit(files[blob_id], rng.randrange(size))
+                    flipped.add(blob_id)
+                    counts["flips"] += 1
+
+    # Heal: thaw, restart, free the disk, and one replicate run.
+    heal(all_=True)
+    if os.path.exists(ballast):
+        os.unlink(ballast)
+    status, out, err = replicate(sos.config, "--scrub", "--scrub-rate", "0", timeout=1800)
+    lost = corrupt = unsynced = 0
+    for name, ms in groups.items():
+        ids = [set(stored(m.store)) for m in ms]
+        union = set().union(*ids)
+        unsynced += sum(len(union - s) for s in ids)                       # I5
+        for m in ms:
+            for blob_id, path in stored(m.store).items():
+                with open(path, "rb") as f:
+                    corrupt += sha1(f.read()) != blob_id                     # I1
+    for blob_id, body in acknowledged.items():
+        got = sos.fetch(blob_id)
+        lost += got[0] != 200 or got[2] != body                              # I2
+    level, rss = sos.settled(warm_level or sos.level()), sos.rss()
+    drift = [
+        ("threads", warm_level[0], level[0]), ("fds", warm_level[1], level[1]),
+        ("rss", warm_rss, rss)] if warm_level else []
+    drifted = [(what, a, b) for what, a, b in drift if b > a * 1.05 + (2 << 20 if what == "rss" else 1)]
+    violations = (counts["I3"] + counts["I4"] + counts["unanswered"] + corrupt + unsynced
+                  + len(drifted))
+    figures.add(21, counts["ops"], violations, lost, rng.seed_value,
+                note="%(uploads)d uploads, %(fetches)d fetches, %(kills)d kills, "
+                "%(freezes)d freezes, %(flips)d flips, %(fills)d disk fills; " % counts
+                + "%d unsynced after replicate; drift %s" % (unsynced, drift))
+    print(counts, out, err[-3000:])
+    assert (lost, corrupt, unsynced) == (0, 0, 0), (out, err[-3000:])
+    assert counts["I3"] == counts["I4"] == counts["unanswered"] == 0, counts
+    assert drifted == []
+    assert status == 0, (out, err[-3000:])
+
+
+def fetch(sos, blob_id):
+    """(status, bytes); status None if the transfer was cut short, as the
+    sos-server does when a large copy turns out rotten as it streams."""
+    try:
+        status, _, data = sos.fetch(blob_id)
+        return status, data
+    except (OSError, http.client.HTTPException):
+        return None, None
+
+
+def test_soak_kill_9_mid_upload(procs, figures, rng):
+    end = budget("kill")
+    srv = procs.blob()
+    attempted, acknowledged, verified = {}, {}, set()
+    lock = threading.Lock()
+    trials = violations = 0
+    lost = set()
+    while time.monotonic() < end:
+        trials += 1
+        uploaders = [Uploader(srv.url, random.Random(rng.random()), attempted,
+                              acknowledged, lock) for _ in range(3)]
+        for u in uploaders:
+            u.start()
+        time.sleep(rng.uniform(0.01, 0.4))
+        srv.kill()
+        for u in uploaders:
+            u.stop.set()
+            u.join(30)
+        srv.start()
+        v, gone, _ = check_store(srv, acknowledged, attempted, verified)
+        violations += v
+        lost |= gone
+    v, gone, _ = check_store(srv, acknowledged, attempted)
+    lost |= gone
+    figures.add(4, trials, violations + v, len(lost), rng.seed_value,
+                note="soak: %d acknowledged" % len(acknowledged))
+    assert violations + v == 0 and not lost
+
+
+def test_soak_round_trip_up_to_64_mib(procs, figures, rng):
+    end = budget("round-trip")
+    c = procs.cluster((("g1", 2),))
+    cases = bad = 0
+    while time.monotonic() < end:
+        cases += 1
+        size = rng.choice((0, 1, rng.randrange(1 << 20), rng.randrange(64 << 20)))
+        body = rng.randbytes(size)
+        headers = {"X-Case": str(cases), "X-Mime-Type": "a/b"}
+        status, reply = c.sos.upload(body, headers)
+        got = c.sos.fetch(sha1(body))
+        bad += status != 200 or got[0] != 200 or got[2] != body
+    figures.add(1, cases, bad, seed=rng.seed_value, note="soak: up to 64 MiB")
+    assert bad == 0
+
+
+def test_soak_fuzz(procs, figures, rng):
+    end = budget("fuzz")
+    blob = procs.blob()
+    sos = procs.sos([("g1", [blob])], "--copies", "1")
+    cases = 0
+    bad = []
+    strategy = st.one_of(mutated(), st.binary(max_size=600))
+    warnings.simplefilter("ignore", NonInteractiveExampleWarning)
+    while time.monotonic() < end:
+        data = strategy.example()
+        for url in (blob.url, sos.up, sos.down):
+            cases += 1
+            problems = judge(responses(url, data))
+            if problems:
+                bad.append((data, problems))
+    figures.add(17, cases, len(bad), note="soak")
+    assert bad == []
