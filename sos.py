@@ -336,9 +336,11 @@ class Cluster:
                                        "failovers", "partial"), 0)
         self.executor = ThreadPoolExecutor(max_workers=64,
                                            thread_name_prefix="upstream")
+        self._count_lock = threading.Lock()
 
     def count(self, name):
-        self.counters[name] += 1
+        with self._count_lock:
+            self.counters[name] += 1
 
     # Health.
 
