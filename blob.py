@@ -45,6 +45,7 @@ with hard limits, deadlines, JSON errors, graceful SIGTERM), so it exists once.
 
 import argparse
 import collections
+import contextlib
 import ctypes
 import email.utils
 import errno
@@ -233,6 +234,15 @@ class BlobStore:
         return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                        | os.O_CLOEXEC, dir_fd=dir_fd)
 
+    @contextlib.contextmanager
+    def _leaf(self, blob_id, create=False):
+        """blob_id's leaf directory as an fd, closed on leaving the block."""
+        fd = self._leaf_fd(blob_id, create)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
     def _leaf_fd(self, blob_id, create=False):
         """An fd of blob_id's leaf directory (caller closes); Missing if absent."""
         if not valid_id(blob_id):
@@ -271,28 +281,19 @@ class BlobStore:
 
         Raises InvalidId or Missing.  A symlink is never followed.
         """
-        leaf = self._leaf_fd(blob_id)
-        try:
+        with self._leaf(blob_id) as leaf:
             return self._open_in(leaf, blob_id)
-        finally:
-            os.close(leaf)
 
     def metadata(self, blob_id):
         """The X-* headers stored with blob_id ({} if none)."""
-        leaf = self._leaf_fd(blob_id)
-        try:
+        with self._leaf(blob_id) as leaf:
             return self._metadata_in(leaf, blob_id)
-        finally:
-            os.close(leaf)
 
     def get(self, blob_id):
         """open() and metadata() at once: (file, size, metadata)."""
-        leaf = self._leaf_fd(blob_id)
-        try:
+        with self._leaf(blob_id) as leaf:
             f, size = self._open_in(leaf, blob_id)
             return f, size, self._metadata_in(leaf, blob_id)
-        finally:
-            os.close(leaf)
 
     @staticmethod
     def _open_in(leaf, blob_id):
@@ -401,8 +402,7 @@ class BlobStore:
         try:
             if hasher and hasher.hexdigest() != blob_id:
                 raise Corrupt("body does not hash to %s" % blob_id)
-            leaf = self._leaf_fd(blob_id, create=True)
-            try:
+            with self._leaf(blob_id, create=True) as leaf:
                 exists = self._exists_in(leaf, blob_id)
                 if meta and not exists:
                     # The sidecar lands before the blob, so a visible blob has
@@ -421,8 +421,6 @@ class BlobStore:
                     if not exists:
                         self._take_back(leaf, blob_id, ino)
                     raise
-            finally:
-                os.close(leaf)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace("disk full") from None
@@ -482,9 +480,8 @@ class BlobStore:
 
     def quarantine(self, blob_id):
         """Move a blob (and its sidecar) into .quarantine/; never deletes."""
-        leaf = self._leaf_fd(blob_id)
         stamp = "%d" % time.time_ns()
-        try:
+        with self._leaf(blob_id) as leaf:
             for name in (blob_id, blob_id + ".json"):
                 try:
                     os.rename(name, "%s.%s" % (name, stamp), src_dir_fd=leaf,
@@ -492,8 +489,6 @@ class BlobStore:
                 except FileNotFoundError:
                     pass
             os.fsync(leaf)
-        finally:
-            os.close(leaf)
         log.warning("quarantined %s: bytes do not match id", blob_id)
 
     # Listing.
@@ -594,30 +589,29 @@ class BlobStore:
                 self._leaves[(d1, d2)] = (st.st_mtime_ns, count, size, xor)
         return count, size, xor
 
+    def _buckets(self):
+        """{d1: (count, bytes, xor)}: the leaf summaries per first-level
+        directory.  Waits for a start-up warm() rather than redo its work."""
+        self._warming.wait()
+        acc = {}
+        for d1, d2 in self.leaves():
+            count, size, xor = self._leaf_summary(d1, d2)
+            c, n, x = acc.get(d1, (0, 0, 0))
+            acc[d1] = (c + count, n + size, x ^ xor)
+        return acc
+
     def digests(self):
         """{bucket: "count-xorhex"} per first-level directory (two chars).
 
         Equal digests mean equal id sets, with overwhelming probability."""
-        self._warming.wait()
-        out = {}
-        acc = {}
-        for d1, d2 in self.leaves():
-            count, _, xor = self._leaf_summary(d1, d2)
-            c, x = acc.get(d1, (0, 0))
-            acc[d1] = (c + count, x ^ xor)
-        for d1, (count, xor) in acc.items():
-            if count:
-                out[d1] = "%d-%040x" % (count, xor)
-        return out
+        return {d1: "%d-%040x" % (count, xor)
+                for d1, (count, _, xor) in self._buckets().items() if count}
 
     def stats(self):
         """Blob count, bytes stored, and disk free/total in bytes."""
-        self._warming.wait()
-        count = size = 0
-        for d1, d2 in self.leaves():
-            c, s, _ = self._leaf_summary(d1, d2)
-            count += c
-            size += s
+        buckets = self._buckets().values()
+        count = sum(b[0] for b in buckets)
+        size = sum(b[1] for b in buckets)
         st = os.statvfs(self.root_fd)
         return {"blobs": count, "bytes": size,
                 "disk_free": st.f_bavail * st.f_frsize,
@@ -650,12 +644,9 @@ class BlobStore:
             blob_id = name[:-5] if name.endswith(".json") else name
             if not valid_id(blob_id):
                 continue
-            leaf = self._leaf_fd(blob_id, create=True)
-            try:
+            with self._leaf(blob_id, create=True) as leaf:
                 os.rename(src, name, src_dir_fd=self.root_fd, dst_dir_fd=leaf)
                 os.fsync(leaf)
-            finally:
-                os.close(leaf)
             migrated += name == blob_id
         os.fsync(self.root_fd)
         return removed, migrated
@@ -759,6 +750,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     routes = {}
     open_routes = ()          # routes that need no token
+    # The domain's exceptions and the replies they become, in one place.
+    errors = {InvalidId: (HTTPStatus.BAD_REQUEST,
+                          "invalid id: lowercase letters and digits only"),
+              Missing: (HTTPStatus.NOT_FOUND, "not found"),
+              Corrupt: (HTTPStatus.UNPROCESSABLE_ENTITY, None),
+              NoSpace: (HTTPStatus.INSUFFICIENT_STORAGE, None),
+              TooLarge: (HTTPStatus.REQUEST_ENTITY_TOO_LARGE, None),
+              BadMetadata: (HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, None)}
+    tls_failed = False        # the TLS handshake failed: nothing to handle
+    linger = False            # unread request bytes: half-close gently
 
     def setup(self):
         self.timeout = self.server.idle_timeout
@@ -779,13 +780,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return
         super().setup()
 
-    tls_failed = False
-
     def handle(self):
         if not self.tls_failed:
             super().handle()
-
-    linger = False
 
     def finish(self):
         if self.tls_failed:
@@ -944,7 +941,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if not hmac.compare_digest(given, b"Bearer " + token.encode()):
                 raise HTTPError(HTTPStatus.UNAUTHORIZED, "missing or wrong token",
                                 [("WWW-Authenticate", "Bearer")])
-        getattr(self, method)()
+        try:
+            getattr(self, method)()
+        except Exception as e:
+            mapped = self.errors.get(type(e))
+            if mapped is None:
+                raise
+            raise HTTPError(mapped[0], mapped[1] or str(e)) from None
 
     def params(self):
         """Query parameters as {name: last value}."""
@@ -1414,19 +1417,6 @@ class BlobHandler(Handler):
         ("GET", "metrics"): "do_metrics",
     }
     open_routes = ("alive",)
-    errors = {InvalidId: (HTTPStatus.BAD_REQUEST, "invalid id: lowercase letters and digits only"),
-              Missing: (HTTPStatus.NOT_FOUND, "not found"),
-              Corrupt: (HTTPStatus.UNPROCESSABLE_ENTITY, None),
-              NoSpace: (HTTPStatus.INSUFFICIENT_STORAGE, None),
-              TooLarge: (HTTPStatus.REQUEST_ENTITY_TOO_LARGE, None),
-              BadMetadata: (HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, None)}
-
-    def dispatch(self):
-        try:
-            super().dispatch()
-        except StoreError as e:
-            status, message = self.errors[type(e)]
-            raise HTTPError(status, message or str(e)) from None
 
     def do_alive(self):
         self.send(HTTPStatus.OK, b"alive")

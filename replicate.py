@@ -29,9 +29,7 @@ unreachable (the rest still synced); 2 usage or configuration error.
 
 import heapq
 import http.client
-import json
 import logging
-import os
 import sys
 import threading
 import time

@@ -40,7 +40,6 @@ import logging
 import math
 import mimetypes
 import os
-import socket
 import ssl
 import sys
 import tempfile
@@ -50,8 +49,9 @@ from concurrent.futures import ThreadPoolExecutor, FIRST_COMPLETED, wait
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
-from blob import (VERSION, CHUNK, ArgumentParser, BadMetadata, HTTPError,
-                  Handler, Server, add_server_args, blob_metadata, content_hash,
+from blob import (VERSION, CHUNK, ArgumentParser, Corrupt, HTTPError, Handler,
+                  InvalidId, Missing, Server, add_server_args, blob_metadata,
+                  content_hash,
                   not_modified, parse_size, read_token, serve_workers,
                   setup_logging, tls_context, valid_id)
 
@@ -599,14 +599,6 @@ class Unavailable(Exception):
     """Not enough blob-servers could be reached to answer."""
 
 
-class Missing(Exception):
-    """Every blob-server asked says it does not have the blob."""
-
-
-class Corrupt(Exception):
-    """A copy's bytes did not match its id."""
-
-
 def spool(chunks, spool_dir=None, in_memory=SPOOL_IN_MEMORY):
     """Take a body while hashing it: returns (bytes or file, size, sha1 hex).
 
@@ -654,10 +646,7 @@ class UploadHandler(Handler):
         if length is not None and length > srv.max_upload:
             raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                             "larger than %d bytes" % srv.max_upload)
-        try:
-            meta = blob_metadata(self.header_list)
-        except BadMetadata as e:
-            raise HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, str(e))
+        meta = blob_metadata(self.header_list)
 
         def limited():
             total = 0
@@ -688,21 +677,16 @@ class UploadHandler(Handler):
 
 class DownloadHandler(Handler):
     routes = {("GET", "fetch"): "do_fetch", ("HEAD", "fetch"): "do_fetch"}
+    errors = {**Handler.errors, Unavailable: (HTTPStatus.SERVICE_UNAVAILABLE, None)}
 
     def do_fetch(self):
         name = self.rest
         blob_id, dot, ext = name.partition(".")
         if not valid_id(blob_id):
-            raise HTTPError(HTTPStatus.BAD_REQUEST,
-                            "invalid id: lowercase letters and digits only")
+            raise InvalidId(blob_id)
         cached = not_modified(self.headers, blob_id)
-        try:
-            status, meta, length, body = self.server.cluster.fetch(
-                blob_id, "HEAD" if cached else self.command, self.headers)
-        except Missing:
-            raise HTTPError(HTTPStatus.NOT_FOUND, "not found")
-        except Unavailable as e:
-            raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, str(e))
+        status, meta, length, body = self.server.cluster.fetch(
+            blob_id, "HEAD" if cached else self.command, self.headers)
         try:
             out = [("ETag", '"%s"' % blob_id), ("Accept-Ranges", "bytes"),
                    ("Cache-Control", "public, max-age=31536000, immutable")]
