@@ -36,8 +36,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 
-from blob import CHUNK, ArgumentParser, read_token, setup_logging, valid_id
-from sos import ConfigError, Pool, add_cluster_args, load_groups
+from sos import ConfigError, add_cluster_args, load_groups
+from wire import (CHUNK, ArgumentParser, Pool, chunked, read_token, setup_logging,
+                  shard, valid_id)
 
 PAGE = 10000
 CONTENT_HEADERS = ("x-",)
@@ -111,7 +112,8 @@ class Replicator:
                 return reply.status, None
             return reply.status, reply.json()
         except (OSError, http.client.HTTPException, ValueError) as e:
-            raise Unreachable("%s: %s" % (member, e or type(e).__name__)) from None
+            raise Unreachable("%s: %s" % (member, str(e) or type(e).__name__)) \
+                from None
 
     def digests(self, member):
         """{bucket: digest}, or None for a blob-server without digests."""
@@ -175,7 +177,7 @@ class Replicator:
             streams = [self._tagged(m, prefix) for m in members]
             current, holders = None, []
             for blob_id, member in heapq.merge(*streams):
-                if bucket and blob_id[:2].ljust(2, "-") != bucket:
+                if bucket and shard(blob_id)[0] != bucket:
                     continue            # a short prefix also lists other buckets
                 if blob_id != current:
                     if current is not None:
@@ -217,8 +219,7 @@ class Replicator:
                     headers["Transfer-Encoding"] = "chunked"
                 body = iter(lambda: reply.read(CHUNK), b"")
                 if length is None:
-                    body = (b"%x\r\n%s\r\n" % (len(c), c) for c in
-                            list_then_end(body))
+                    body = chunked(body)
                 out = self.pool.request(target, "POST", "/blob/" + blob_id,
                                         body, headers)
                 answer = out.read()
@@ -314,12 +315,6 @@ class Replicator:
                 self.progress.add(quarantined=1)
                 bad.append(blob_id)
         return bad
-
-
-def list_then_end(chunks):
-    """Chunks of a chunked body, followed by the empty last chunk."""
-    yield from chunks
-    yield b""
 
 
 def main(argv=None):

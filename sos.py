@@ -35,12 +35,9 @@ import collections
 import hashlib
 import html
 import http.client
-import json
 import logging
 import math
-import mimetypes
 import os
-import ssl
 import sys
 import tempfile
 import threading
@@ -49,17 +46,14 @@ from concurrent.futures import ThreadPoolExecutor, FIRST_COMPLETED, wait
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
-from blob import (VERSION, CHUNK, ArgumentParser, Corrupt, HTTPError, Handler,
-                  InvalidId, Missing, Server, add_server_args, blob_metadata,
-                  content_hash,
+from wire import (CHUNK, READ_TIMEOUT, VERSION, ArgumentParser, Corrupt,
+                  Handler, HTTPError, InvalidId, Metrics, Missing, Pool, Server,
+                  add_server_args, blob_headers, blob_metadata, content_hash,
                   not_modified, parse_size, read_token, serve_workers,
                   setup_logging, tls_context, valid_id)
 
 CONFIG_FILES = ("/etc/sos.conf", "~/.sos.conf")
 DEFAULT_GROUP = "default"
-CONNECT_TIMEOUT = 2.0
-READ_TIMEOUT = 60.0
-POOL_IDLE = 5.0           # seconds an idle upstream connection is reused
 HEALTH_EVERY = 5.0        # seconds between /stats polls of each blob-server
 SPOOL_IN_MEMORY = 1 << 20
 DEFAULT_MAX_UPLOAD = "5G"
@@ -204,114 +198,6 @@ def placement(blob_id, groups):
     return rank(blob_id, groups, lambda g: g.name, lambda g: g.weight)
 
 
-# --- Talking to blob-servers --------------------------------------------------
-
-class Reply:
-    """A blob-server's answer: status, headers, and a body to read or stream.
-
-    close() hands the connection back to the pool when the body was read to
-    its end, and drops it otherwise.  Always close a Reply."""
-
-    def __init__(self, pool, url, conn, resp):
-        self.pool, self.url, self.conn, self.resp = pool, url, conn, resp
-        self.status = resp.status
-        self.headers = resp.headers
-
-    def read(self, n=None):
-        return self.resp.read(n)
-
-    def json(self):
-        try:
-            return json.loads(self.read())
-        finally:
-            self.close()
-
-    def close(self):
-        if self.conn is None:
-            return
-        if self.resp.isclosed() and not self.resp.will_close:
-            self.pool.put(self.url, self.conn)
-        else:
-            self.conn.close()
-        self.conn = None
-
-
-class Pool:
-    """Keep-alive connections to blob-servers, reused across requests.
-
-    The original opened a connection per request; reuse saves a handshake and
-    a thread start on the server for every fetch.
-    """
-
-    def __init__(self, connect_timeout=CONNECT_TIMEOUT, timeout=READ_TIMEOUT,
-                 token=None, ssl_context=None):
-        self.connect_timeout = connect_timeout
-        self.timeout = timeout
-        self.token = token
-        self.ssl_context = ssl_context or ssl.create_default_context()
-        self._idle = {}
-        self._lock = threading.Lock()
-
-    def put(self, url, conn):
-        with self._lock:
-            idle = self._idle.setdefault(url, [])
-            if len(idle) < 64:
-                idle.append((time.monotonic(), conn))
-                return
-        conn.close()
-
-    def _connection(self, url, fresh=False):
-        with self._lock:
-            idle = self._idle.get(url)
-            while idle and not fresh:
-                since, conn = idle.pop()
-                # blob-servers close connections idle for HEAD_TIMEOUT (10 s):
-                # don't bet a request on one that may be closing.
-                if time.monotonic() - since < POOL_IDLE:
-                    return conn, True
-                conn.close()
-        parts = urlsplit(url)
-        if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(parts.hostname, parts.port,
-                                               timeout=self.connect_timeout,
-                                               context=self.ssl_context)
-        else:
-            conn = http.client.HTTPConnection(parts.hostname, parts.port,
-                                              timeout=self.connect_timeout)
-        conn.connect()
-        conn.sock.settimeout(self.timeout)
-        return conn, False
-
-    def request(self, url, method, path, body=None, headers=None):
-        """Send a request to the blob-server at url; returns a Reply.
-
-        body is None, bytes, a callable returning a fresh iterable of chunks
-        (so a request on a stale keep-alive connection can be resent), or an
-        iterable that can be sent only once (on a new connection, then).
-        Raises OSError (incl. timeouts) and http.client.HTTPException when the
-        server can't be reached or answers nonsense."""
-        headers = dict(headers or {})
-        if self.token:
-            headers["Authorization"] = "Bearer " + self.token
-        once = not (body is None or isinstance(body, bytes) or callable(body))
-        for attempt in (1, 2):
-            # The retry takes a new connection: when one idle connection was
-            # stale (the blob-server restarted), the others in the pool are too.
-            conn, reused = self._connection(url, fresh=once or attempt == 2)
-            try:
-                data = body() if callable(body) else body
-                conn.request(method, path, data, headers)
-                return Reply(self, url, conn, conn.getresponse())
-            except (http.client.RemoteDisconnected, BrokenPipeError,
-                    ConnectionResetError):
-                conn.close()
-                if not reused or attempt == 2:
-                    raise
-            except BaseException:
-                conn.close()
-                raise
-
-
 # --- The cluster ----------------------------------------------------------------
 
 class Cluster:
@@ -337,6 +223,12 @@ class Cluster:
         self.executor = ThreadPoolExecutor(max_workers=64,
                                            thread_name_prefix="upstream")
         self._count_lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def close(self):
+        """Stop the health checks and the upload senders (without waiting)."""
+        self._stop.set()
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     def count(self, name):
         with self._count_lock:
@@ -375,9 +267,9 @@ class Cluster:
 
     def watch_health(self, every=HEALTH_EVERY):
         def loop():
-            while True:
+            while not self._stop.is_set():
                 self.check_all()
-                time.sleep(every)
+                self._stop.wait(every)
         threading.Thread(target=loop, daemon=True, name="health").start()
 
     def report(self):
@@ -487,7 +379,8 @@ class Cluster:
     # Fetch.
 
     def fetch(self, blob_id, method="GET", headers=None):
-        """Find blob_id: returns (status, headers, length or None, Body).
+        """Find blob_id: returns (status, meta, range headers, length or
+        None, Body).
 
         Asks the blob's own group first, then the others.  A copy whose bytes
         don't match the id is never passed off as good: up to verify_limit
@@ -535,13 +428,14 @@ class Cluster:
     def _open(self, blob_id, member, method, reply):
         """Turn a blob-server reply into fetch()'s answer, or None if the
         copy is corrupt."""
-        meta = [(k, v) for k, v in reply.headers.items()
-                if k.lower().startswith("x-") or k.lower() == "content-range"]
+        meta = {k: v for k, v in reply.headers.items() if k.lower().startswith("x-")}
+        extra = [(k, v) for k, v in reply.headers.items()
+                 if k.lower() == "content-range"]
         length = reply.headers.get("Content-Length")
         length = int(length) if length and length.isdigit() else None
         hasher = content_hash(blob_id)
         if method == "HEAD" or reply.status != HTTPStatus.OK or not hasher:
-            return reply.status, meta, length, Body(reply)
+            return reply.status, meta, extra, length, Body(reply)
         h = hasher()
         head = bytearray()
         chunk = b""
@@ -552,14 +446,15 @@ class Cluster:
             head += chunk
         h.update(head)
         if chunk:
-            return reply.status, meta, length, Body(reply, bytes(head), h, blob_id)
+            return (reply.status, meta, extra, length,
+                    Body(reply, bytes(head), h, blob_id))
         reply.close()
         if h.hexdigest() != blob_id:
             self.count("corrupt")
             log.error("CORRUPT copy of %s on %s (%d bytes): trying another",
                       blob_id, member, len(head))
             return None
-        return reply.status, meta, len(head), Body(None, bytes(head))
+        return reply.status, meta, extra, len(head), Body(None, bytes(head))
 
 
 class Body:
@@ -676,42 +571,25 @@ class UploadHandler(Handler):
 
 
 class DownloadHandler(Handler):
-    routes = {("GET", "fetch"): "do_fetch", ("HEAD", "fetch"): "do_fetch"}
-    errors = {**Handler.errors, Unavailable: (HTTPStatus.SERVICE_UNAVAILABLE, None)}
+    routes = {("GET", "fetch"): "do_fetch"}
+    exceptions = {**Handler.exceptions,
+                  Unavailable: (HTTPStatus.SERVICE_UNAVAILABLE, None)}
 
     def do_fetch(self):
-        name = self.rest
-        blob_id, dot, ext = name.partition(".")
+        blob_id, _, ext = self.rest.partition(".")
         if not valid_id(blob_id):
             raise InvalidId(blob_id)
         cached = not_modified(self.headers, blob_id)
-        status, meta, length, body = self.server.cluster.fetch(
+        status, meta, extra, length, body = self.server.cluster.fetch(
             blob_id, "HEAD" if cached else self.command, self.headers)
         try:
-            out = [("ETag", '"%s"' % blob_id), ("Accept-Ranges", "bytes"),
-                   ("Cache-Control", "public, max-age=31536000, immutable")]
-            mime = dict((k.lower(), v) for k, v in meta).get("x-mime-type")
-            if not mime and dot:
-                mime = mimetypes.guess_type("x." + ext)[0]
-            out.append(("Content-Type", mime or "application/octet-stream"))
-            out += meta
+            headers = blob_headers(blob_id, meta, ext)
             if cached:
-                self.send_head(HTTPStatus.NOT_MODIFIED, out)
-                return
-            chunked = length is None and self.command == "GET"
-            if chunked:
-                out.append(("Transfer-Encoding", "chunked"))
-            if body.reply is None and not chunked and self.command == "GET":
-                self.send_head(status, out, length, body.first)   # one write
-                return
-            self.send_head(status, out, length)
-            if self.command == "HEAD":
-                return
-            for chunk in body:
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk)
-                                 if chunked else chunk)
-            if chunked:
-                self.wfile.write(b"0\r\n\r\n")
+                self.send(HTTPStatus.NOT_MODIFIED, headers)
+            elif body.reply is None:
+                self.send(status, headers + extra, body.first)
+            else:
+                self.send(status, headers + extra, body, length)
         except (Corrupt, http.client.HTTPException) as e:
             if isinstance(e, Corrupt):
                 self.server.cluster.count("corrupt")
@@ -746,13 +624,13 @@ class AdminHandler(Handler):
             extra.append(("sos_member_%s" % key, "gauge", "blob-server %s" % key,
                           [({"group": g, "member": m}, int(h[key]))
                            for g, m, h in members if key in h]))
-        self.send(HTTPStatus.OK, self.server.metrics.render(extra).encode(),
-                  content_type="text/plain; version=0.0.4")
+        self.send_text(HTTPStatus.OK, self.server.metrics.render(extra),
+                       "text/plain; version=0.0.4")
 
     def do_status(self):
         ok, report = self.server.cluster.report()
-        self.send(HTTPStatus.OK, status_page(report, self.server.errors).encode(),
-                  content_type="text/html; charset=utf-8")
+        self.send_text(HTTPStatus.OK, status_page(report, self.server.recent_errors),
+                       "text/html; charset=utf-8")
 
 
 def status_page(report, errors):
@@ -808,34 +686,44 @@ class RecentErrors(logging.Handler):
         self.lines.append(self.format(record))
 
 
+class FrontServer(Server):
+    """The upload or the download port: handler serves it, over cluster."""
+
+    def __init__(self, address, handler, cluster, metrics, max_upload=None,
+                 spool_dir=None, token=None, tls=None, reuse_port=False):
+        self.cluster = cluster
+        self.max_upload = max_upload
+        self.spool_dir = spool_dir
+        super().__init__(address, handler, "sos-server", metrics, token, tls,
+                         reuse_port)
+
+
+class AdminServer(Server):
+    """/health, /metrics and /status; recent_errors are log lines to show."""
+
+    def __init__(self, address, cluster, metrics, recent_errors=()):
+        self.cluster = cluster
+        self.recent_errors = recent_errors
+        super().__init__(address, AdminHandler, "sos-server", metrics)
+
+
 def make_servers(cluster, host="0.0.0.0", upload_port=9991, download_port=9992,
                  max_upload=parse_size(DEFAULT_MAX_UPLOAD), spool_dir=None,
                  upload_token=None, download_token=None, tls=None,
                  reuse_port=False):
-    """The upload and download servers, bound but not yet serving."""
-    servers = []
-    for port, handler, token in ((upload_port, UploadHandler, upload_token),
-                                 (download_port, DownloadHandler, download_token)):
-        srv = Server((host, port), handler, reuse_port)
-        srv.cluster = cluster
-        srv.max_upload = max_upload
-        srv.spool_dir = spool_dir
-        srv.version = "sos-server/" + VERSION
-        srv.token = token
-        srv.tls = tls
-        servers.append(srv)
-    servers[1].metrics = servers[0].metrics      # one set of figures
-    return servers
+    """The upload and download servers, bound but not yet serving; they
+    share one set of figures."""
+    metrics = Metrics("sos")
+    return [FrontServer((host, port), handler, cluster, metrics, max_upload,
+                        spool_dir, token, tls, reuse_port)
+            for port, handler, token in ((upload_port, UploadHandler, upload_token),
+                                         (download_port, DownloadHandler,
+                                          download_token))]
 
 
-def make_admin_server(cluster, address, metrics=None, errors=()):
+def make_admin_server(cluster, address, metrics=None, recent_errors=()):
     """The admin server (/health, /metrics, /status), bound, not serving."""
-    srv = Server(address, AdminHandler)
-    srv.cluster = cluster
-    srv.version = "sos-server/" + VERSION
-    srv.metrics = metrics or srv.metrics
-    srv.errors = errors
-    return srv
+    return AdminServer(address, cluster, metrics or Metrics("sos"), recent_errors)
 
 
 def add_cluster_args(parser):

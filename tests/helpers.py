@@ -4,6 +4,7 @@ import os
 import socket
 
 import blob
+import wire
 import sos
 from conftest import InProcess, get_json, request
 
@@ -23,7 +24,7 @@ def stop_hard(srv):
 
 
 def blob_path(store, blob_id):
-    d1, d2 = blob.BlobStore.shard(blob_id)
+    d1, d2 = wire.shard(blob_id)
     return os.path.join(store.root if hasattr(store, "root") else store,
                         d1, d2, blob_id)
 

@@ -1,6 +1,7 @@
 """Operating SOS: health, metrics, the status page, access logs, tokens, TLS."""
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import blob
+import wire
 import sos
 from conftest import ROOT, InProcess, get_json, request, wait_for
 
@@ -181,13 +183,13 @@ def test_tls_blob_server_and_sos_server_over_https(blob_server, certificate):
     members = []
     for name in ("t1", "t2"):
         srv = blob_server(name)
-        srv.srv.tls = blob.tls_context(cert, key)
+        srv.srv.tls = wire.tls_context(cert, key)
         members.append(srv.url.replace("http:", "https:"))
     client = ssl.create_default_context(cafile=cert)
     cluster = sos.Cluster([sos.Group("tls", members)],
                           pool=sos.Pool(ssl_context=client))
     up, down = sos.make_servers(cluster, "127.0.0.1", 0, 0,
-                                tls=blob.tls_context(cert, key))
+                                tls=wire.tls_context(cert, key))
     up, down = InProcess(up), InProcess(down)
     try:
         import http.client
@@ -196,7 +198,7 @@ def test_tls_blob_server_and_sos_server_over_https(blob_server, certificate):
         conn.request("POST", "/upload", b"secret bytes")
         resp = conn.getresponse()
         assert resp.status == 200
-        blob_id = sos.json.loads(resp.read())["id"]
+        blob_id = json.loads(resp.read())["id"]
         conn = http.client.HTTPSConnection("127.0.0.1", down.srv.server_port,
                                            context=client, timeout=30)
         conn.request("GET", "/fetch/" + blob_id)
@@ -214,7 +216,7 @@ def test_tls_blob_server_and_sos_server_over_https(blob_server, certificate):
 def test_silent_tls_client_does_not_block_others(blob_server, certificate):
     cert, key = certificate
     srv = blob_server()
-    srv.srv.tls = blob.tls_context(cert, key)
+    srv.srv.tls = wire.tls_context(cert, key)
     silent = socket.create_connection(("127.0.0.1", srv.srv.server_port))
     try:
         client = ssl.create_default_context(cafile=cert)

@@ -13,6 +13,7 @@ import tempfile
 from hypothesis import given, settings, strategies as st
 
 import blob
+import wire
 import replicate
 import sos
 from conftest import ROOT, get_json, request
@@ -223,7 +224,7 @@ def test_digest_shortcut_agrees_with_a_full_comparison(blob_server):
                     srv.store.put(blob_id, [b"body of " + blob_id.encode()])
             members, differ, errors = rep.plan([a.url, b.url])
             assert members == [a.url, b.url] and not errors
-            assert set(differ) == {blob.BlobStore.shard(i)[0]
+            assert set(differ) == {wire.shard(i)[0]
                                    for i in want_a ^ want_b}
             summary = rep.sync(sos.Group("g", [a.url, b.url]))
             assert summary["copied"] == len(want_a ^ want_b)

@@ -616,7 +616,7 @@ class ClusterMachine(RuleBasedStateMachine):
         if not hasattr(self, "front"):
             return
         self.front.stop()
-        self.front.cluster.executor.shutdown(wait=False)
+        self.front.cluster.close()
         for srv, store in zip(self.servers, self.stores):
             if srv:
                 stop_hard(srv)

@@ -25,8 +25,8 @@ PYTHON = sys.executable
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import blob  # noqa: E402
 import sos  # noqa: E402
+import wire  # noqa: E402
 
 # One knob scales every trial count of the fast suite (CI: 1); the soak
 # tests run for SOAK_MINUTES in all instead.
@@ -35,12 +35,12 @@ SOAK_MINUTES = float(os.environ.get("SOAK_MINUTES", "10"))
 
 # Deadlines the servers promise, from the programs themselves so a change
 # there can't make these tests wait for the wrong thing.
-HEAD_TIMEOUT = blob.HEAD_TIMEOUT
-IDLE_TIMEOUT = blob.IDLE_TIMEOUT
-MIN_RATE = blob.MIN_RATE
-RATE_GRACE = blob.RATE_GRACE
-REAPER_PERIOD = 0.25     # how often blob.py's reaper looks at deadlines
-CONNECT_TIMEOUT = sos.CONNECT_TIMEOUT
+HEAD_TIMEOUT = wire.HEAD_TIMEOUT
+IDLE_TIMEOUT = wire.IDLE_TIMEOUT
+MIN_RATE = wire.MIN_RATE
+RATE_GRACE = wire.RATE_GRACE
+REAPER_PERIOD = wire.REAPER_PERIOD
+CONNECT_TIMEOUT = wire.CONNECT_TIMEOUT
 
 
 class StallMeter:
