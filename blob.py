@@ -559,7 +559,7 @@ class BlobHandler(Handler):
     routes = {
         ("GET", "alive"): "do_alive",
         ("GET", "blob"): "do_get",
-        ("POST", "blob"): "do_post",
+        ("POST", "blob"): "do_post", ("PUT", "blob"): "do_post",
         ("GET", "blobs"): "do_list",
         ("GET", "stats"): "do_stats",
         ("GET", "digests"): "do_digests",
@@ -579,8 +579,10 @@ class BlobHandler(Handler):
         f, size, meta = self.server.store.get(blob_id)
         with f:
             headers = blob_headers(blob_id, meta)
-            status, offset, count, extra = http_range(self.headers, blob_id, size)
-            if status == HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE:
+            status, offset, count, extra = http_range(self.headers, blob_id, size,
+                                                      self.command)
+            if status in (HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE,
+                          HTTPStatus.PRECONDITION_FAILED):
                 raise HTTPError(status, headers=extra)
             if status == HTTPStatus.NOT_MODIFIED:
                 self.send(status, headers)
@@ -744,8 +746,7 @@ def main(argv=None):
                                       token, tls, True))
         srv = workers[0]
     except OSError as e:
-        parser.exit(1, "blob-server: cannot listen on %s:%d: %s\n"
-                    % (args.host, args.port, e.strerror))
+        parser.exit(1, "blob-server: %s\n" % e.strerror)
     chroot = os.getuid() == 0
     if chroot:
         try:

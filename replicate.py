@@ -37,11 +37,10 @@ from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 
 from sos import ConfigError, add_cluster_args, load_groups
-from wire import (CHUNK, ArgumentParser, Pool, chunked, read_token, setup_logging,
-                  shard, valid_id)
+from wire import (CHUNK, ArgumentParser, Pool, blob_metadata, chunked, read_token,
+                  setup_logging, shard, valid_id)
 
 PAGE = 10000
-CONTENT_HEADERS = ("x-",)
 
 log = logging.getLogger("replicate")
 
@@ -210,8 +209,7 @@ class Replicator:
                 if reply.status != HTTPStatus.OK:
                     log.warning("%s: %s answered %d", blob_id, source, reply.status)
                     continue
-                headers = {k: v for k, v in reply.headers.items()
-                           if k.lower().startswith(CONTENT_HEADERS)}
+                headers = blob_metadata(reply.headers.items())
                 length = reply.headers.get("Content-Length")
                 if length is not None:
                     headers["Content-Length"] = length
@@ -224,7 +222,7 @@ class Replicator:
                                         body, headers)
                 answer = out.read()
                 out.close()
-            except (OSError, http.client.HTTPException) as e:
+            except (OSError, http.client.HTTPException, ValueError) as e:
                 log.warning("%s: copy %s -> %s failed: %s", blob_id, source,
                             target, e)
                 continue

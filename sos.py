@@ -49,7 +49,7 @@ from urllib.parse import urlsplit
 from wire import (CHUNK, READ_TIMEOUT, VERSION, ArgumentParser, Corrupt,
                   Handler, HTTPError, InvalidId, Metrics, Missing, Pool, Server,
                   add_server_args, blob_headers, blob_metadata, content_hash,
-                  not_modified, parse_size, read_token, serve_workers,
+                  parse_size, precondition, read_token, serve_workers,
                   setup_logging, tls_context, valid_id)
 
 CONFIG_FILES = ("/etc/sos.conf", "~/.sos.conf")
@@ -428,7 +428,10 @@ class Cluster:
     def _open(self, blob_id, member, method, reply):
         """Turn a blob-server reply into fetch()'s answer, or None if the
         copy is corrupt."""
-        meta = {k: v for k, v in reply.headers.items() if k.lower().startswith("x-")}
+        try:
+            meta = blob_metadata(reply.headers.items())
+        except ValueError:
+            meta = {}           # a blob-server sent what it should not have
         extra = [(k, v) for k, v in reply.headers.items()
                  if k.lower() == "content-range"]
         length = reply.headers.get("Content-Length")
@@ -533,7 +536,7 @@ def spool(chunks, spool_dir=None, in_memory=SPOOL_IN_MEMORY):
 # --- HTTP front ------------------------------------------------------------------
 
 class UploadHandler(Handler):
-    routes = {("POST", "upload"): "do_upload"}
+    routes = {("POST", "upload"): "do_upload", ("PUT", "upload"): "do_upload"}
 
     def do_upload(self):
         srv = self.server
@@ -579,14 +582,19 @@ class DownloadHandler(Handler):
         blob_id, _, ext = self.rest.partition(".")
         if not valid_id(blob_id):
             raise InvalidId(blob_id)
-        cached = not_modified(self.headers, blob_id)
+        # The ETag is the id: preconditions are decided before asking, and a
+        # 304 or 412 needs only the blob's headers (HEAD), never a Range.
+        decided = precondition(self.headers, blob_id)
         status, meta, extra, length, body = self.server.cluster.fetch(
-            blob_id, "HEAD" if cached else self.command, self.headers)
+            blob_id, "HEAD" if decided else self.command, self.headers)
         try:
-            headers = blob_headers(blob_id, meta, ext)
-            if cached:
-                self.send(HTTPStatus.NOT_MODIFIED, headers)
-            elif body.reply is None:
+            headers = blob_headers(blob_id, meta, ext, bool(self.server.token))
+            if decided or status == HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE:
+                if decided == HTTPStatus.NOT_MODIFIED:
+                    self.send(decided, headers)
+                    return
+                raise HTTPError(decided or status, headers=extra)
+            if body.reply is None:
                 self.send(status, headers + extra, body.first)
             else:
                 self.send(status, headers + extra, body, length)
@@ -810,7 +818,7 @@ def main(argv=None):
             workers.append(make_servers(cluster, args.api_host, servers[0].server_port,
                                         servers[1].server_port, *options))
     except OSError as e:
-        parser.exit(1, "sos-server: cannot listen: %s\n" % e)
+        parser.exit(1, "sos-server: %s\n" % e.strerror)
     scheme = "https" if servers[0].tls else "http"
     print("Launching API-server")
     print("upload service   %s://%s:%d/upload" % (scheme, args.api_host,

@@ -53,7 +53,8 @@ CHUNK = 256 * 1024
 SMALL_BODY = 64 * 1024    # replies up to this size go out in a single write
 
 # Metadata: X-* headers stored with a blob.  Proxy and our own headers are not.
-META_EXCLUDED = ("X-Forwarded-", "X-Real-Ip", "X-Sos-", "X-Cluster-")
+META_EXCLUDED = ("X-Forwarded-", "X-Real-Ip", "X-Sos-", "X-Cluster-",
+                 "X-Content-Type-Options")
 MAX_META_BYTES = 8192
 MAX_META_HEADERS = 32
 
@@ -71,6 +72,23 @@ REAPER_PERIOD = 0.25      # how often deadlines are looked at
 DIGITS = re.compile(rb"[0-9]{1,19}")
 HEXDIGITS = re.compile(rb"[0-9a-fA-F]{1,16}")
 TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Host: reg-name, IPv4 or [IPv6], and an optional port (RFC 9112 3.2).
+HOST = re.compile(r"(?:[A-Za-z0-9\-._~%!$&'()*+,;=]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
+METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE",
+           "CONNECT"}
+# Objects never change, so a year of freshness; an error or a live figure
+# must never be stored (a 404 is cacheable by default, RFC 9110 15.1).
+IMMUTABLE = "max-age=31536000, immutable"
+NO_STORE = "no-store"
+# Served blobs are whatever their uploaders sent: never let a browser run one
+# as a page of our origin.
+SANDBOX = [("X-Content-Type-Options", "nosniff"),
+           ("Content-Security-Policy", "default-src 'none'; sandbox")]
+# A compressed file is served as what it is, never with a Content-Encoding
+# that would make a browser unpack it.
+ENCODED_TYPES = {"gzip": "application/gzip", "bzip2": "application/x-bzip2",
+                 "xz": "application/x-xz", "compress": "application/x-compress",
+                 "br": "application/x-brotli"}
 
 # Upstream connections (sos-server and replicate to blob-servers).
 CONNECT_TIMEOUT = 2.0
@@ -88,7 +106,11 @@ class InvalidId(ValueError):
 
 
 class BadMetadata(ValueError):
-    """X-* metadata that can't be stored or sent back."""
+    """An X-* header value that can't be stored or sent back."""
+
+
+class TooMuchMetadata(BadMetadata):
+    """More X-* metadata than a blob may carry."""
 
 
 class Missing(LookupError):
@@ -156,40 +178,52 @@ def blob_metadata(pairs):
         meta[key] = value
     if len(meta) > MAX_META_HEADERS or sum(
             len(k) + len(v) for k, v in meta.items()) > MAX_META_BYTES:
-        raise BadMetadata("too much X-* metadata (max %d headers, %d bytes)"
+        raise TooMuchMetadata("too much X-* metadata (max %d headers, %d bytes)"
                           % (MAX_META_HEADERS, MAX_META_BYTES))
     return meta
 
 
-def blob_headers(blob_id, meta, ext=""):
+def blob_headers(blob_id, meta, ext="", private=False):
     """The headers of every reply that shows a blob (200, 206, 304): its ETag,
-    caching, type (X-Mime-Type, else guessed from the name's .ext) and its
-    stored X-* metadata."""
+    caching (private: only the client may keep it, for a reply that needed
+    a token), type (X-Mime-Type, else guessed from the name's .ext), the
+    sandbox, and its stored X-* metadata."""
     mime = meta.get("X-Mime-Type")
     if not mime and ext:
-        mime = mimetypes.guess_type("x." + ext)[0]
+        mime, encoding = mimetypes.guess_type("x." + ext)
+        mime = ENCODED_TYPES.get(encoding, mime)
     return [("ETag", '"%s"' % blob_id), ("Accept-Ranges", "bytes"),
-            ("Cache-Control", "public, max-age=31536000, immutable"),
-            ("Content-Type", mime or "application/octet-stream")] + \
+            ("Cache-Control", "private, " + IMMUTABLE if private else IMMUTABLE),
+            ("Content-Type", mime or "application/octet-stream")] + SANDBOX + \
         sorted(meta.items())
 
 
-def not_modified(headers, etag):
-    """True if the request's If-None-Match names etag (or *)."""
-    tags = [t.strip() for t in headers.get("if-none-match", "").split(",")]
-    return "*" in tags or '"%s"' % etag in tags or 'W/"%s"' % etag in tags
+def _names(header, etag, weak):
+    tags = [t.strip() for t in header.split(",")]
+    return "*" in tags or '"%s"' % etag in tags or (weak and 'W/"%s"' % etag in tags)
 
 
-def http_range(headers, etag, size):
-    """Apply If-None-Match and Range to a resource of `size` bytes.
+def precondition(headers, etag):
+    """Evaluate If-Match and If-None-Match for an existing resource (RFC 9110
+    13.2.2): 412, 304, or None to go on."""
+    if "if-match" in headers and not _names(headers["if-match"], etag, False):
+        return HTTPStatus.PRECONDITION_FAILED
+    if "if-none-match" in headers and _names(headers["if-none-match"], etag, True):
+        return HTTPStatus.NOT_MODIFIED
+    return None
+
+
+def http_range(headers, etag, size, method="GET"):
+    """Apply the preconditions and Range to a resource of `size` bytes.
 
     Returns (status, offset, count, extra headers): 200 whole, 206 partial,
-    304 not modified, 416 unsatisfiable.  One range only; anything else
-    (multiple ranges, other units) is ignored and the whole body sent, as RFC
-    9110 allows."""
-    if not_modified(headers, etag):
-        return HTTPStatus.NOT_MODIFIED, 0, 0, []
-    rng = headers.get("range", "")
+    304 not modified, 412 precondition failed, 416 unsatisfiable.  One range
+    only; anything else (multiple ranges, other units), and any Range on HEAD,
+    is ignored and the whole body sent, as RFC 9110 14.2 allows."""
+    status = precondition(headers, etag)
+    if status:
+        return status, 0, 0, []
+    rng = headers.get("range", "") if method == "GET" else ""
     m = re.fullmatch(r"bytes=([0-9]*)-([0-9]*)", rng.strip())
     if not m or (not m.group(1) and not m.group(2)) or (
             headers.get("if-range") and headers["if-range"] != '"%s"' % etag):
@@ -318,7 +352,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                               "invalid id: lowercase letters and digits only"),
                   Missing: (HTTPStatus.NOT_FOUND, "not found"),
                   Corrupt: (HTTPStatus.UNPROCESSABLE_ENTITY, None),
-                  BadMetadata: (HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, None)}
+                  BadMetadata: (HTTPStatus.BAD_REQUEST, None),
+                  TooMuchMetadata: (HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, None)}
     tls_failed = False        # the TLS handshake failed: nothing to handle
     linger = False            # unread request bytes: half-close gently
 
@@ -412,9 +447,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.linger = True
 
     def fail(self, err):
-        """Send an error reply, or cut the connection if a reply has begun."""
-        self.close_connection = True
+        """Send an error reply, or cut the connection if a reply has begun.
+
+        The connection stays open when the request was read whole (a 404
+        must not cost a keep-alive client a new connection and handshake);
+        send() closes it when an unread body is in the way."""
         if self.head_sent:
+            self.close_connection = True
             return
         try:
             self.send_json(err.status, {"error": err.message}, err.headers)
@@ -475,6 +514,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.header_list.append((name, value))
         self.body_pending = "transfer-encoding" in headers or \
             headers.get("content-length", "0") != "0"
+        host = headers.get("host")
+        if (host is None and self.request_version == "HTTP/1.1") or (
+                host is not None and not HOST.fullmatch(host)):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "missing or invalid Host")
+        if self.command not in METHODS:
+            raise HTTPError(HTTPStatus.NOT_IMPLEMENTED, "unknown method")
         return True
 
     def keep_alive(self):
@@ -485,6 +530,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def dispatch(self):
         path, _, self.query = self.path.partition("?")
+        if path.startswith(("http://", "https://")):      # absolute-form
+            path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
         if not path.startswith("/"):
             raise HTTPError(HTTPStatus.BAD_REQUEST, "bad request target")
         first, _, self.rest = path[1:].partition("/")
@@ -622,10 +669,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                                    self.server.date()))
         for name, value in headers:
             out.append("%s: %s\r\n" % (name, value))
-        if length is not None:
+        if length is not None and status != HTTPStatus.NOT_MODIFIED:
+            # A 304's Content-Length would have to be the 200's (RFC 9110
+            # 8.6): send none.
             out.append("Content-Length: %d\r\n" % length)
         if self.close_connection:
             out.append("Connection: close\r\n")
+        elif self.request_version == "HTTP/1.0":
+            out.append("Connection: keep-alive\r\n")
         out.append("\r\n")
         # Logged before it is sent: once a client has the reply, the log
         # has the line.
@@ -650,6 +701,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         head = self.command == "HEAD"
         headers = list(headers)
+        if not any(name == "Cache-Control" for name, _ in headers):
+            headers.append(("Cache-Control", NO_STORE))
         if isinstance(body, bytes):
             self.write_head(status, headers, len(body), b"" if head else body)
             return
@@ -736,7 +789,11 @@ class Server(http.server.ThreadingHTTPServer):
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if self.reuse_port:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        self.socket.bind(self.server_address)
+        try:
+            self.socket.bind(self.server_address)
+        except OSError as e:
+            raise OSError(e.errno, "cannot listen on %s:%d: %s" % (
+                self.server_address[0], self.server_address[1], e.strerror)) from None
         self.server_address = self.socket.getsockname()
         self.server_name, self.server_port = self.server_address[:2]
 

@@ -127,7 +127,7 @@ def test_metadata_round_trips_and_mime_type_becomes_content_type(make_cluster):
     assert headers["x-foo-bar"] == "baz qux"
     assert "x-forwarded-for" not in headers
     assert headers["etag"] == '"%s"' % reply["id"]
-    assert headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert headers["cache-control"] == "max-age=31536000, immutable"
 
 
 def test_extension_is_stripped_and_guesses_content_type(make_cluster):
@@ -553,7 +553,7 @@ def test_wrong_port_or_path_is_404_json(make_cluster):
 def test_wrong_method_is_405(make_cluster):
     c = make_cluster()
     status, headers, body = request(c.up.url + "/upload", "GET")
-    assert status == 405 and headers["allow"] == "POST" and b'"error"' in body
+    assert status == 405 and headers["allow"] == "POST, PUT" and b'"error"' in body
     status, headers, _ = request(c.down.url + "/fetch/" + sha1(b"x"), "DELETE")
     assert status == 405 and headers["allow"] == "GET, HEAD"
 
