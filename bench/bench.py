@@ -1,37 +1,73 @@
 #!/usr/bin/env python3
-"""bench: SOS side by side with nginx on this machine; appends to BENCHMARKS.md.
+"""bench: what a user of SOS gets, beside nginx on the same files; appends to BENCHMARKS.md.
 
-`make bench` (bench/run.sh) runs the eight workloads of issue 6 in one go and
-appends a dated table to BENCHMARKS.md: the median of several runs for our
-servers and for the yardstick, their ratio (same bench run, runs interleaved
-so drift hits both alike), the target, the peak RSS (VmHWM) of every process
-involved, and the exact commands.  Nothing here asserts a speed: a missed
-target is a row that says "no".
+Knobs (environment; `make bench` passes them through):
+
+    BENCH_ROWS=a,b,...    rows to run, by name, in this order (default: all):
+        blob_get_4k       blob-server GET 4 KiB, BENCH_IDS random ids, vs nginx
+        blob_get_4k_w1    the same with --workers 1: the per-core figure
+        blob_get_100m     blob-server GET 100 MiB (curl) vs nginx
+        sos_fetch_4k      sos-server fetch 4 KiB, random ids, group of 2, vs nginx
+        sos_upload_4k     sos-server upload 4 KiB, 2 durable copies, vs nginx PUT
+        sos_upload_1g     sos-server upload 1 GiB vs dd conv=fdatasync
+        sos_fetch_1g      sos-server fetch 1 GiB, verified, vs nginx
+        sos_groups        sos-server fetch 4 KiB, 8 groups vs 1 group
+        blob_list         GET /blobs on a blob-server of BENCH_BLOBS blobs
+        replicate         replicate, group of 2 in sync, then 1% missing
+    BENCH_DURATION=10     seconds per wrk run
+    BENCH_RUNS=3          runs per measurement, ours and the yardstick in turn;
+                          medians reported
+    BENCH_IDS=2048        distinct 4 KiB blobs the random GETs choose from
+    BENCH_SEED=13         seed of bench/get.lua's choice (ours and nginx alike)
+    BENCH_CONNECTIONS=64  wrk -c     BENCH_THREADS=2   wrk -t
+    BENCH_BLOBS=1000000   blobs in the store of blob_list and replicate
+    BENCH_MISSING_RUNS=1  runs of replicate with 1% missing (each 30-80 s here)
+    BENCH_CACHE=/var/tmp/sos-bench-cache   generated files and stores, kept
+    BENCH_OUT=BENCHMARKS.md   where the table is appended (a trial run that
+                          should leave the repo alone: BENCH_OUT=/tmp/bench.md)
+    BENCH_BLOB_ARGS=...   extra flags for every blob.py    (default: none, the
+    BENCH_SOS_ARGS=...    extra flags for every sos.py      servers' defaults)
+    BENCH_PROFILE=1       after measuring blob_get_4k, sos_upload_4k,
+                          sos_fetch_4k, the 1 GiB rows and replicate, one more
+                          run under py-spy; collapsed stacks in
+                          BENCH_CACHE/profiles (blob-servers then run as nobody
+                          without chroot, which py-spy can't see into)
+
+    make bench                                            # everything, < 15 min
+    BENCH_ROWS=blob_get_4k BENCH_DURATION=5 make bench    # one row, quickly
+    BENCH_ROWS=blob_get_4k,sos_fetch_4k BENCH_RUNS=1 BENCH_DURATION=3 \\
+        BENCH_OUT=/tmp/bench.md make bench                # a trial
+
+What is measured (issue 13: what a user gets):
+
+- Our servers run at their default flags (no --workers), as a user starts
+  them; blob_get_4k_w1 adds --workers 1 to show one core's worth.
+- The 4 KiB GET rows ask for BENCH_IDS distinct blobs (content ids, written by
+  bench/mkstore.py into a cached store) chosen at random by bench/get.lua;
+  nginx serves the very same files (hard links of the same inodes) from the
+  same tree, <id[0:2]>/<id[2:4]>/<id>, with the same seed, so the same ids in
+  the same order.
+- Server CPU per request: utime+stime (+ cutime+cstime, which holds reaped
+  children) from /proc/PID/stat of every process of each server's tree (the
+  server, its forked workers, theirs), summed before and after each client
+  run; the differences of a row's runs added up and divided by the requests
+  wrk completed in those runs.  For sos-server
+  rows "ours" is sos-server and its blob-servers together; the split is in
+  the notes.  nginx's is its master and workers.
+- p50/p99 latency from `wrk --latency`, ours and nginx's.
+- ratio = ours / yardstick, both measured in this run, runs alternating so
+  drift hits both alike.  Nothing here asserts a speed: a missed target is
+  a row that says "no".
 
 Everything runs for real and on loopback only: blob.py and sos.py as
 processes on ports they pick (port 0, read from their banners), stores in a
 temporary directory on the real disk, nginx from a config written next to
-them (2 workers, access_log off, sendfile, tcp_nodelay, WebDAV PUT), load from
-wrk (bench/upload.lua makes unique upload bodies) and curl.  Every process
-started here is stopped on the way out, whatever happens.
-
-The million-blob store of rows 7 and 8 is written straight to disk by
-bench/mkstore.py and kept in BENCH_CACHE, with a hard-linked second member
-for row 8, so a rerun starts in seconds.
-
-Knobs (environment):
-    BENCH_RUNS=3          runs per measurement (the median is reported)
-    BENCH_DURATION=10     seconds per wrk run
-    BENCH_BLOBS=1000000   blobs in the store of rows 7 and 8
-    BENCH_CACHE=/var/tmp/sos-bench-cache   generated files and stores
-    BENCH_ROWS=1,2,...    run only these rows (for working on one)
-    BENCH_OUT=BENCHMARKS.md
-    BENCH_BLOB_ARGS=...   extra flags for every blob.py (default "--workers 2")
-    BENCH_SOS_ARGS=...    extra flags for every sos.py (default "--workers 2")
-    BENCH_PROFILE=1       after measuring rows 1, 3, 4, 5 and 8, one more run
-                          under py-spy; collapsed stacks in BENCH_CACHE/profiles
-                          (blob-servers then run as nobody without chroot,
-                          which py-spy can't see into)
+them (worker_processes auto, access_log off, sendfile, tcp_nodelay, WebDAV
+PUT), load from wrk (bench/get.lua, bench/upload.lua) and curl.  Every
+process started here is stopped on the way out, whatever happens.  The
+million-blob store of blob_list and replicate is written by bench/mkstore.py
+and kept in BENCH_CACHE, with a hard-linked second member for replicate, so
+a rerun starts in seconds (the first run spends a few minutes making it).
 """
 
 import datetime
@@ -44,6 +80,7 @@ import platform
 import pwd
 import random
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -61,37 +98,46 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import mkstore  # noqa: E402
 
+ALL_ROWS = ["blob_get_4k", "blob_get_4k_w1", "blob_get_100m", "sos_fetch_4k",
+            "sos_upload_4k", "sos_upload_1g", "sos_fetch_1g", "sos_groups",
+            "blob_list", "replicate"]
+
 PYTHON = os.environ.get("PYTHON") or sys.executable
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 DURATION = int(os.environ.get("BENCH_DURATION", "10"))
+IDS = int(os.environ.get("BENCH_IDS", "2048"))
+SEED = int(os.environ.get("BENCH_SEED", "13"))
+WRK_THREADS = int(os.environ.get("BENCH_THREADS", "2"))
+WRK_CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
 BLOBS = int(os.environ.get("BENCH_BLOBS", "1000000"))
+MISSING_RUNS = int(os.environ.get("BENCH_MISSING_RUNS", "1"))
 CACHE = os.environ.get("BENCH_CACHE", "/var/tmp/sos-bench-cache")
-ROWS = [int(r) for r in os.environ.get("BENCH_ROWS", "1,2,3,4,5,6,7,8").split(",")]
+ROWS = [r.strip() for r in os.environ.get("BENCH_ROWS", ",".join(ALL_ROWS)).split(",")
+        if r.strip()]
 OUT = os.environ.get("BENCH_OUT", os.path.join(REPO, "BENCHMARKS.md"))
 PROFILE = os.environ.get("BENCH_PROFILE", "") not in ("", "0")
-# One worker process per core, as the README advises (nginx runs 2 too).
-BLOB_ARGS = shlex.split(os.environ.get("BENCH_BLOB_ARGS", "--workers 2"))
-SOS_ARGS = shlex.split(os.environ.get("BENCH_SOS_ARGS", "--workers 2"))
+# Servers as a user starts them: no flags of ours beyond ports and stores.
+BLOB_ARGS = shlex.split(os.environ.get("BENCH_BLOB_ARGS", ""))
+SOS_ARGS = shlex.split(os.environ.get("BENCH_SOS_ARGS", ""))
 
-WRK_THREADS, WRK_CONNECTIONS = 2, 64
 FILES = {"4k": 4096, "100m": 100 << 20, "1g": 1 << 30}
+SMALL = 4096                      # bytes of each of the IDS random-GET blobs
 MB = 1e6                          # MB/s as dd and curl print it
 READY_TIMEOUT = 60.0
+TICK = os.sysconf("SC_CLK_TCK")
 
 INTRO = """\
 # Benchmarks
 
-`make bench` (bench/run.sh) appends one dated section per run, newest last.
-Everything runs on this 2-core machine over loopback: our servers as real
-processes (`python3 blob.py`, `python3 sos.py`) with stores on the real disk,
-and nginx (2 workers, `access_log off`, `sendfile on`, `tcp_nodelay on`,
-WebDAV PUT) serving and accepting the same files in the same run, as the
-yardstick of what this machine can do over HTTP.  Figures are medians of the
-runs listed in brackets; runs of ours and of the yardstick alternate.
-ratio = ours / yardstick.  Peak RSS is VmHWM from /proc/PID/status, read just
-before each server is stopped, and polled while a client runs.  Targets
-are those of issue 6.  Other work may share the machine while the bench runs:
-the load average at the start is in each section's header.
+`make bench` (bench/run.sh) appends one dated section per run, newest last;
+bench/bench.py's docstring says what each row measures and how.  Everything
+runs on this 2-core machine over loopback: our servers as real processes
+(`python3 blob.py`, `python3 sos.py`) with stores on the real disk, and nginx
+serving and accepting the same files in the same run, as the yardstick of
+what this machine can do over HTTP.  Figures are medians of the runs listed
+in brackets; runs of ours and of the yardstick alternate.  ratio = ours /
+yardstick.  Other work may share the machine while the bench runs: the load
+average at the start is in each section's header.
 """
 
 
@@ -125,12 +171,40 @@ def children(pid):
     return sorted(out)
 
 
+def tree(pid):
+    """pid and all its descendants, parents first."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        out.append(p)
+        todo += children(p)
+    return out
+
+
+def cpu_ticks(pid):
+    """Clock ticks of CPU pid has used, all its threads, plus those of its
+    children that it has reaped (utime, stime, cutime, cstime: fields 14-17
+    of /proc/PID/stat); 0 if it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0
+    return sum(int(x) for x in fields[11:15])
+
+
+def tree_ticks(pid):
+    """CPU ticks of a whole process tree.  Summed before and after a run, the
+    difference is the tree's CPU over the run: a child that exits in between
+    moves its ticks into its parent's cutime/cstime, a new one adds its own."""
+    return sum(cpu_ticks(p) for p in tree(pid))
+
+
 def cpu_seconds(pid):
     """(user, system) CPU seconds pid has used, all its threads."""
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rpartition(")")[2].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 def mib(kib):
@@ -171,18 +245,23 @@ class Service:
             time.sleep(0.05)
 
     def rss(self):
-        """[(name, peak RSS KiB)] of this process and its children (nginx's workers)."""
+        """[(name, peak RSS KiB)] of this process and its descendants (forked
+        workers, nginx's workers)."""
         out = [(self.name, peak_rss_kib(self.pid))]
-        for i, child in enumerate(children(self.pid)):
+        for i, child in enumerate(tree(self.pid)[1:]):
             out.append(("%s worker %d" % (self.name, i + 1), peak_rss_kib(child)))
         return out
+
+    def ticks(self):
+        return tree_ticks(self.pid)
 
     def errors(self):
         """Lines of the log that report an error (our servers and nginx's log)."""
         with open(self.log_path, "rb") as f:
             text = f.read().decode("utf-8", "replace")
         return [l for l in text.splitlines()
-                if re.search(r"Traceback| ERROR |\[(error|crit|alert|emerg)\]", l)]
+                if re.search(r"Traceback| ERROR | WARNING |\[(error|crit|alert|emerg)\]",
+                             l)]
 
     def stop(self):
         if self.proc.poll() is None:
@@ -195,10 +274,25 @@ class Service:
         self.log.close()
 
 
+def settle(svcs, timeout=60.0):
+    """Wait until svcs are idle (their trees use < 10% of a core over 0.3 s):
+    start-up work, such as a blob-server's warm-up, is not billed to the
+    first measured run."""
+    deadline = time.monotonic() + timeout
+    last = sum(s.ticks() for s in svcs)
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = sum(s.ticks() for s in svcs)
+        if now - last <= 0.03 * TICK:
+            return
+        last = now
+
+
 class Result:
-    def __init__(self, argv, out, err, seconds, maxrss, status):
+    def __init__(self, argv, out, err, seconds, maxrss, status, cpu):
         self.argv, self.out, self.err = argv, out, err
         self.seconds, self.maxrss, self.status = seconds, maxrss, status
+        self.cpu = cpu                  # the client's own user+system seconds
 
     def check(self):
         if self.status != 0:
@@ -208,12 +302,15 @@ class Result:
 
 
 def run(argv, timeout=600, env=None):
-    """Run a client to its end: a Result with its peak RSS.
+    """Run a client to its end: a Result with its peak RSS and CPU time.
 
     The peak is VmHWM polled from /proc while it runs: the kernel's ru_maxrss
     would also count the bench's own memory, which the child shares between
-    fork and exec."""
+    fork and exec.  The CPU time is that of our reaped children over the run:
+    the client alone, as clients run one at a time and servers are reaped
+    only when stopped."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.monotonic()
         proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                 cwd=REPO, env=env)
@@ -243,11 +340,13 @@ def run(argv, timeout=600, env=None):
             done.set()
             watcher.join()
         seconds = time.monotonic() - start
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         out.seek(0)
         err.seek(0)
         return Result(argv, out.read().decode("utf-8", "replace"),
                       err.read().decode("utf-8", "replace"), seconds,
-                      peak[0], proc.returncode)
+                      peak[0], proc.returncode,
+                      ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime)
 
 
 def free_port():
@@ -290,6 +389,63 @@ def figure(xs, unit):
                         " [%s]" % runs if len(xs) > 1 else "")
 
 
+def fmt_cpu(us):
+    """CPU per request: '85 µs', '4.2 ms', '3.10 s'."""
+    if us is None:
+        return "—"
+    if us < 10:
+        return "%.1f µs" % us
+    if us < 10000:
+        return "{:,.0f} µs".format(us)
+    if us < 1e5:
+        return "%.1f ms" % (us / 1e3)
+    if us < 1e6:
+        return "%.0f ms" % (us / 1e3)
+    return "%.2f s" % (us / 1e6)
+
+
+def fmt_ms(ms):
+    return "%.2f" % ms if ms < 10 else "%.1f" % ms if ms < 100 else "{:,.0f}".format(ms)
+
+
+def fmt_latency(lats):
+    """Median p50 / p99 over runs, in ms."""
+    if not lats:
+        return "—"
+    return "%s / %s ms" % (fmt_ms(median(l[0] for l in lats)),
+                           fmt_ms(median(l[1] for l in lats)))
+
+
+def to_ms(value, unit):
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+
+class Load:
+    """One measured client run: its rate and what it cost the servers."""
+
+    def __init__(self, res, value, requests, servers, ticks):
+        self.res = res
+        self.value = value                  # req/s or MB/s
+        self.requests = requests
+        self.latency = None                 # (p50 ms, p99 ms) from wrk --latency
+        self.errors = None                  # wrk's non-2xx and socket errors
+        # Server CPU seconds over the run: the trees of `servers`, each apart.
+        self.cpu_by = {s.name: t / TICK for s, t in zip(servers, ticks)}
+        self.cpu = sum(self.cpu_by.values()) if servers else None
+
+
+def cpu_per_request(loads, name=None):
+    """Server CPU µs per request over several runs: their CPU seconds summed,
+    over their requests summed (a clock tick is 10 ms: pooling the runs keeps
+    that coarseness out of short runs); None without figures."""
+    loads = [x for x in loads if isinstance(x, Load) and x.cpu is not None
+             and (name is None or name in x.cpu_by)]
+    if not loads:
+        return None
+    cpu = sum(x.cpu if name is None else x.cpu_by[name] for x in loads)
+    return cpu / max(sum(x.requests for x in loads), 1) * 1e6
+
+
 # --- The bench --------------------------------------------------------------------
 
 class Bench:
@@ -305,7 +461,9 @@ class Bench:
         self.nobody = pwd.getpwnam("nobody")
         self.files = {}
         self.ids = {}
+        self.small_store = self.small_ids = None
         self.ng = None
+        self.nginx_get_small = None
         self.profiles = []
         self.notes = []
 
@@ -330,9 +488,17 @@ class Bench:
         self.services.append(svc)
         return svc, svc.banner(*patterns)
 
-    def blob_server(self, name, store=None):
-        """Start `python3 blob.py` on port 0; returns (service, url)."""
-        store = store or os.path.join(self.tmp, name)
+    def blob_server(self, name, store=None, small=False, args=()):
+        """Start `python3 blob.py` on port 0; returns its service (.url set).
+        small: its store starts as a hard-linked copy of the random-GET store."""
+        if store is None:               # a fresh store for every start
+            store = os.path.join(self.tmp, name)
+            n = 1
+            while os.path.exists(store):
+                n += 1
+                store = os.path.join(self.tmp, "%s.%d" % (name, n))
+        if small:
+            subprocess.run(["cp", "-al", self.small_store, store], check=True)
         prefix = []
         if PROFILE and os.getuid() == 0:
             # py-spy can't read a chrooted process: for a profiling run the
@@ -345,7 +511,7 @@ class Bench:
                       "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
         svc, [(url,)] = self.start(
             name, prefix + [PYTHON, "blob.py", "--port", "0", "--store", store]
-            + BLOB_ARGS,
+            + BLOB_ARGS + list(args),
             r"listening on (https?://\S+?:\d+)/")
         svc.url = url
         return svc
@@ -363,7 +529,8 @@ class Bench:
         return svc
 
     def nginx(self):
-        """Start nginx (once per bench) on the files of self.files."""
+        """Start nginx (once per bench) on the files of self.files and, under
+        /store/, the random-GET store itself."""
         d = os.path.join(self.tmp, "nginx")
         www = os.path.join(d, "www")
         os.makedirs(os.path.join(www, "put"))
@@ -376,7 +543,8 @@ class Bench:
         port = free_port()
         conf = os.path.join(d, "nginx.conf")
         with open(conf, "w") as f:
-            f.write(NGINX_CONF.format(d=d, www=www, port=port, user=user))
+            f.write(NGINX_CONF.format(d=d, www=www, port=port, user=user,
+                                      store=self.small_store))
         svc = Service("nginx", ["nginx", "-e", os.path.join(d, "error.log"), "-p", d,
                                 "-c", conf], self.tmp)
         self.services.append(svc)
@@ -414,6 +582,22 @@ class Bench:
             with open(path, "rb") as f:
                 self.ids[name] = hashlib.file_digest(f, "sha1").hexdigest()
 
+    def make_small_store(self):
+        """The store of the random GETs: IDS blobs of 4 KiB (bench/mkstore.py
+        --size 4096) and the file of their ids; cached."""
+        path = os.path.join(CACHE, "store-4k-%d" % IDS)
+        self.small_store, self.small_ids = path, path + ".ids"
+        if os.path.exists(path + ".ok"):
+            return None
+        if os.path.exists(path):
+            subprocess.run(["rm", "-rf", path], check=True)
+        seconds = mkstore.make_store(path, IDS, self.nobody.pw_name, size=SMALL)
+        with open(self.small_ids, "w") as f:
+            f.writelines(mkstore.blob_id(i, SMALL) + "\n" for i in range(IDS))
+        open(path + ".ok", "w").close()
+        return "`python3 bench/mkstore.py --blobs %d --size %d --ids %s %s`: %.1f s" % (
+            IDS, SMALL, self.small_ids, path, seconds)
+
     def store(self, suffix=""):
         """The BLOBS-blob store (suffix "-b": a hard-linked copy); cached,
         and valid only once its marker file says it is complete."""
@@ -436,38 +620,79 @@ class Bench:
 
     # Clients.
 
-    def wrk(self, url, script_args=None, row=None):
-        """One wrk run: (requests/s, Result); errors go to the row's notes."""
+    def wrk(self, url, servers, script=None, script_args=(), row=None):
+        """One wrk run against url; servers: the services whose CPU it costs.
+        Returns a Load; wrk's errors go to the row's notes."""
         argv = ["wrk", "-t%d" % WRK_THREADS, "-c%d" % WRK_CONNECTIONS,
-                "-d%ds" % DURATION, "--timeout", "10s"]
-        if script_args:
-            argv += ["-s", os.path.join(HERE, "upload.lua"), url, "--"] + script_args
+                "-d%ds" % DURATION, "--latency", "--timeout", "10s"]
+        if script:
+            argv += ["-s", os.path.join(HERE, script), url, "--"] + list(script_args)
         else:
             argv += [url]
-        res = run(argv, timeout=DURATION + 60).check()
+        before = [s.ticks() for s in servers]
+        res = run(argv, timeout=DURATION + 60)
+        ticks = [s.ticks() - b for s, b in zip(servers, before)]
+        res.check()
         rps = float(re.search(r"Requests/sec:\s+([0-9.]+)", res.out).group(1))
-        res.requests = int(re.search(r"([0-9]+) requests in", res.out).group(1))
+        requests = int(re.search(r"([0-9]+) requests in", res.out).group(1))
+        load = Load(res, rps, requests, servers, ticks)
+        lat = {p: re.search(r"^\s+%s%%\s+([0-9.]+)(us|ms|s|m)\s*$" % p, res.out, re.M)
+               for p in ("50", "99")}
+        if all(lat.values()):
+            load.latency = tuple(to_ms(*lat[p].groups()) for p in ("50", "99"))
         bad = re.search(r"Non-2xx or 3xx responses: ([0-9]+)", res.out)
         sock = re.search(r"Socket errors: (.*)", res.out)
-        if row is not None and (bad or sock):
-            row.setdefault("wrk_errors", []).append(
-                "%s: %s%s" % (url, "%s non-2xx; " % bad.group(1) if bad else "",
-                              sock.group(1) if sock else ""))
-        return rps, res
+        if bad or sock:
+            load.errors = "%s%s" % ("%s non-2xx of %d; " % (bad.group(1), requests)
+                                    if bad else "", sock.group(1) if sock else "")
+            if row is not None:
+                row.setdefault("wrk_errors", []).append(
+                    "wrk against %s: %s" % (url, load.errors))
+        return load
 
-    def curl(self, url, upload=None, out="/dev/null"):
-        """GET (or POST a file, streamed) with curl: (MB/s, seconds, Result)."""
+    def get_small(self, base, prefix, layout, servers, row):
+        """wrk GETs of the random-GET store's ids (bench/get.lua)."""
+        return self.wrk(base, servers, "get.lua",
+                        [self.small_ids, prefix, layout, str(SEED)], row=row)
+
+    def nginx_small(self, row):
+        return self.get_small(self.ng.url, "/store/", "sharded", [self.ng], row)
+
+    def check_small(self, *urls):
+        """A few of the random-GET ids, fetched from each base URL (a prefix to
+        which the id or its sharded path is appended), hold their bytes."""
+        with open(self.small_ids) as f:
+            ids = f.read().split()
+        for i in random.Random(SEED).sample(range(len(ids)), 3):
+            want = mkstore.blob_body(i, SMALL)
+            for url, sharded in urls:
+                path = ids[i]
+                if sharded:
+                    path = "%s/%s/%s" % (ids[i][:2], ids[i][2:4], ids[i])
+                status, body = request(url + path)
+                if status != 200 or body != want:
+                    raise RuntimeError("GET %s%s: %s, %d bytes (want %d)"
+                                       % (url, path, status, len(body), len(want)))
+
+    def curl(self, url, servers=(), upload=None, out="/dev/null"):
+        """GET (or POST a file, streamed) with curl: a Load in MB/s, with the
+        servers' CPU for the request."""
         argv = ["curl", "-sS", "--max-time", "600", "-o", out, "-w",
                 "%{http_code} %{size_download} %{size_upload} %{time_total}"]
         if upload:
             argv += ["-X", "POST", "-T", upload]
         argv.append(url)
-        res = run(argv, timeout=660).check()
+        before = [s.ticks() for s in servers]
+        res = run(argv, timeout=660)
+        ticks = [s.ticks() - b for s, b in zip(servers, before)]
+        res.check()
         code, down, up, seconds = res.out.split()
         if code not in ("200", "201", "204"):
             raise RuntimeError("%s: HTTP %s" % (shlex.join(argv), code))
         size = float(up if upload else down)
-        return size / float(seconds) / MB, float(seconds), res
+        load = Load(res, size / float(seconds) / MB, 1, servers, ticks)
+        load.seconds = float(seconds)
+        return load
 
     def alternate(self, named, runs=RUNS):
         """Run each measurement `runs` times, alternating: {name: [values]}."""
@@ -513,62 +738,123 @@ class Bench:
 
     # Recording.
 
-    def record(self, num, workload, ours, unit, base=None, base_name="nginx",
-               target=None, ratio=None, met=None, services=(), clients=(),
+    def record(self, name, workload, ours, unit, base=None, base_name="nginx",
+               target=None, met=None, services=(), base_services=(), clients=(),
                commands=(), notes=(), row=None):
+        """One row of the table.  ours and base: lists of Loads (or of plain
+        figures, for rows without a yardstick or server CPU)."""
         row = row if row is not None else {}
-        rss = []
-        for svc in services:
-            rss += ["%s %s" % (n, mib(k)) for n, k in svc.rss()]
+
+        def values(xs):
+            return [x.value if isinstance(x, Load) else x for x in xs or []]
+
+        def cpu(xs):
+            return cpu_per_request(xs or [])
+
+        def latency(xs):
+            return [x.latency for x in xs or [] if isinstance(x, Load) and x.latency]
+
+        def peak(svcs):
+            ks = [k for s in svcs for _, k in s.rss() if k is not None]
+            return mib(max(ks)) if ks else "?"
+
+        ours_list = ours if isinstance(ours, list) else []
+        clients = list(clients) + [x.res for x in ours_list + list(base or [])
+                                   if isinstance(x, Load)]
         clients = [c for c in clients if c is not None]
+        rss = []
+        if services:
+            rss.append("ours %s" % peak(services))
+        if base_services:
+            rss.append("%s %s" % (base_services[0].name, peak(base_services)))
         if clients:
-            name = os.path.basename(clients[0].argv[0])
-            rss.append("%s %s" % (name if name != os.path.basename(PYTHON)
-                                  else os.path.basename(clients[0].argv[1]),
-                                  mib(max((c.maxrss for c in clients
-                                           if c.maxrss is not None), default=None))))
-        if ratio is None and base:
-            ratio = median(ours) / median(base)
+            tool = os.path.basename(clients[0].argv[0])
+            if tool == os.path.basename(PYTHON):
+                tool = os.path.basename(clients[0].argv[1])
+            rss.append("%s %s" % (tool, mib(max((c.maxrss for c in clients
+                                                 if c.maxrss is not None),
+                                                default=None))))
+        ours_v, base_v = values(ours_list), values(base)
+        ratio = median(ours_v) / median(base_v) if base_v else None
+        if callable(met):
+            met = met(ratio, cpu(ours_list))
+        if met and any(isinstance(x, Load) and x.errors for x in ours_list):
+            met = False                 # wrk saw errors: see the notes
         errors = []
-        for svc in services:
-            errors += ["%s: %s" % (svc.name, l[:200]) for l in svc.errors()[:3]]
-        row.update(num=num, workload=workload,
-                   ours=figure(ours, unit) if isinstance(ours, list) else ours,
-                   base="%s %s" % (base_name, figure(base, unit)) if base else "—",
+        for svc in list(services) + list(base_services):
+            errors += ["%s logged: %s" % (svc.name, l[:300]) for l in svc.errors()[:3]]
+        split = []
+        for xs in (ours_list, base):
+            loads = [x for x in xs or [] if isinstance(x, Load) and len(x.cpu_by) > 1]
+            if loads:
+                split.append("server CPU per request by process tree: " + ", ".join(
+                    "%s %s" % (n, fmt_cpu(cpu_per_request(loads, n)))
+                    for n in loads[0].cpu_by))
+        row.update(name=name, workload=workload,
+                   ours=figure(ours_v, unit) if isinstance(ours, list) else ours,
+                   base="%s %s" % (base_name, figure(base_v, unit)) if base_v else "—",
                    ratio="%.2f" % ratio if ratio is not None else "—",
                    target=target or "—",
                    met="—" if met is None else ("yes" if met else "**no**"),
+                   cpu=fmt_cpu(cpu(ours_list)), base_cpu=fmt_cpu(cpu(base)),
+                   lat=fmt_latency(latency(ours_list)), base_lat=fmt_latency(latency(base)),
                    rss=", ".join(rss), commands=list(commands),
-                   notes=list(notes) + row.get("wrk_errors", []) + errors)
+                   notes=list(notes) + split + row.get("wrk_errors", []) + errors)
         self.rows.append(row)
-        print("row %d: %s | ours %s | base %s | ratio %s | %s" % (
-            num, workload, row["ours"], row["base"], row["ratio"], row["met"]),
-            flush=True)
+        print("%s: %s | ours %s | %s | ratio %s | met %s | CPU/req %s vs %s | "
+              "p50/p99 %s vs %s" % (name, workload, row["ours"], row["base"],
+                                    row["ratio"], row["met"], row["cpu"],
+                                    row["base_cpu"], row["lat"], row["base_lat"]),
+              flush=True)
         return row
 
-    # --- The eight workloads ------------------------------------------------------
+    @staticmethod
+    def wrk_desc():
+        return "wrk -t%d -c%d -d%ds" % (WRK_THREADS, WRK_CONNECTIONS, DURATION)
 
-    def row1(self):
-        """blob-server GET 4 KiB vs nginx."""
+    # --- The rows -----------------------------------------------------------------
+
+    def row_blob_get_4k(self, workers=None):
+        """blob-server GET 4 KiB over IDS random ids vs nginx on the same files."""
+        name = "blob_get_4k" if workers is None else "blob_get_4k_w%d" % workers
         row = {}
-        b = self.blob_server("blob-server")
-        self.put_blob(b.url, "4k")
-        ours_url = "%s/blob/%s" % (b.url, self.ids["4k"])
-        ng_url = self.ng.url + "/4k"
-        res = self.alternate({"nginx": lambda: self.wrk(ng_url, row=row),
-                              "ours": lambda: self.wrk(ours_url, row=row)})
-        self.profile("row1", [b], lambda: self.wrk(ours_url))
-        ratio = median(r for r, _ in res["ours"]) / median(r for r, _ in res["nginx"])
-        self.nginx_get_4k = [r for r, _ in res["nginx"]]
-        self.record(1, "blob-server GET 4 KiB, wrk -t2 -c64 -d%ds" % DURATION,
-                    [r for r, _ in res["ours"]], "req/s", self.nginx_get_4k,
-                    target="≥ 0.15", met=ratio >= 0.15, services=[b, self.ng],
-                    clients=[c for _, c in res["ours"] + res["nginx"]],
-                    commands=[b.command, shlex.join(res["ours"][0][1].argv),
-                              shlex.join(res["nginx"][0][1].argv)], row=row)
+        b = self.blob_server("blob-server", small=True,
+                             args=["--workers", str(workers)] if workers else [])
+        self.check_small((b.url + "/blob/", False), (self.ng.url + "/store/", True))
+        settle([b, self.ng])
+        ours = lambda: self.get_small(b.url, "/blob/", "flat", [b], row)
+        if workers is not None and self.nginx_get_small:
+            # nginx's runs of blob_get_4k, earlier in this bench: same files,
+            # same wrk command.
+            res = {"ours": [ours() for _ in range(RUNS)], "nginx": self.nginx_get_small}
+            reused = ["nginx's figures are those of blob_get_4k in this bench (the "
+                      "same wrk command on the same files)"]
+        else:
+            res = self.alternate({"nginx": lambda: self.nginx_small(row), "ours": ours})
+            reused = []
+            if workers is None:
+                self.nginx_get_small = res["nginx"]
+                self.profile("blob_get_4k", [b], ours)
+        if workers is None:
+            target = "≥ 0.40; ≤ 120 µs CPU/req"
+            met = lambda ratio, cpu: ratio >= 0.40 and cpu is not None and cpu <= 120
+            flags = "default flags"
+        else:
+            target, met = "— (per core)", None
+            flags = "--workers %d" % workers
+        self.record(name, "blob-server GET 4 KiB (%s), %s random ids, %s, "
+                    "bench/get.lua" % (flags, "{:,}".format(IDS), self.wrk_desc()),
+                    res["ours"], "req/s", res["nginx"], target=target, met=met,
+                    services=[b], base_services=[self.ng],
+                    commands=[b.command, shlex.join(res["ours"][0].res.argv),
+                              shlex.join(res["nginx"][0].res.argv)],
+                    notes=reused, row=row)
         self.stop(b)
 
-    def row2(self):
+    def row_blob_get_4k_w1(self):
+        self.row_blob_get_4k(workers=1)
+
+    def row_blob_get_100m(self):
         """blob-server GET 100 MiB vs nginx, MB/s."""
         b = self.blob_server("blob-server")
         self.put_blob(b.url, "100m")
@@ -576,52 +862,71 @@ class Bench:
         ng_url = self.ng.url + "/100m"
         self.curl(ours_url)            # both from the page cache from here on
         self.curl(ng_url)
-        res = self.alternate({"nginx": lambda: self.curl(ng_url),
-                              "ours": lambda: self.curl(ours_url)}, max(RUNS, 5))
-        ours = [r[0] for r in res["ours"]]
-        base = [r[0] for r in res["nginx"]]
-        ratio = median(ours) / median(base)
-        self.record(2, "blob-server GET 100 MiB (curl, page cache warm)", ours, "MB/s",
-                    base, target="≥ 0.90", met=ratio >= 0.9, services=[b, self.ng],
-                    clients=[r[2] for r in res["ours"] + res["nginx"]],
-                    commands=[b.command, shlex.join(res["ours"][0][2].argv),
-                              shlex.join(res["nginx"][0][2].argv)])
+        settle([b, self.ng])
+        res = self.alternate({"nginx": lambda: self.curl(ng_url, [self.ng]),
+                              "ours": lambda: self.curl(ours_url, [b])}, max(RUNS, 5))
+        self.record("blob_get_100m", "blob-server GET 100 MiB (curl, page cache warm)",
+                    res["ours"], "MB/s", res["nginx"], target="≥ 0.90",
+                    met=lambda ratio, cpu: ratio >= 0.9, services=[b],
+                    base_services=[self.ng],
+                    commands=[b.command, shlex.join(res["ours"][0].res.argv),
+                              shlex.join(res["nginx"][0].res.argv)])
         self.stop(b)
 
-    def group_of_two(self, prefix="blob"):
-        b1 = self.blob_server(prefix + "1")
-        b2 = self.blob_server(prefix + "2")
+    def group_of_two(self, prefix="blob", small=False):
+        b1 = self.blob_server(prefix + "1", small=small)
+        b2 = self.blob_server(prefix + "2", small=small)
         s = self.sos_server("sos-server", [b1.url, b2.url], copies=2)
         return b1, b2, s
 
-    def row3(self):
+    def row_sos_fetch_4k(self):
+        """sos-server fetch 4 KiB over IDS random ids vs nginx on the same files."""
+        row = {}
+        b1, b2, s = self.group_of_two(small=True)
+        self.check_small((s.down + "/fetch/", False))
+        settle([s, b1, b2, self.ng])
+        ours = lambda: self.get_small(s.down, "/fetch/", "flat", [s, b1, b2], row)
+        res = self.alternate({"nginx": lambda: self.nginx_small(row), "ours": ours})
+        self.profile("sos_fetch_4k", [s, b1, b2], ours)
+        self.record("sos_fetch_4k", "sos-server fetch 4 KiB (group of 2, both hold "
+                    "every blob), %s random ids, %s, bench/get.lua"
+                    % ("{:,}".format(IDS), self.wrk_desc()),
+                    res["ours"], "req/s", res["nginx"], target="≥ 0.15",
+                    met=lambda ratio, cpu: ratio >= 0.15, services=[s, b1, b2],
+                    base_services=[self.ng],
+                    commands=[b1.command, b2.command, s.command,
+                              shlex.join(res["ours"][0].res.argv),
+                              shlex.join(res["nginx"][0].res.argv)],
+                    notes=["both blob-servers' stores are hard-linked copies of %s, "
+                           "which nginx serves as /store/" % self.small_store], row=row)
+        self.stop(s, b1, b2)
+
+    def row_sos_upload_4k(self):
         """sos-server upload 4 KiB, unique, durable, 2 copies vs nginx PUT."""
         row = {}
         b1, b2, s = self.group_of_two()
+        settle([s, b1, b2, self.ng])
         nonce = iter(range(1, 1000))
         stamp = "%x" % int(time.time())
-        put = lambda: self.wrk(self.ng.url + "/put/", [
+        put = lambda: self.wrk(self.ng.url + "/put/", [self.ng], "upload.lua", [
             "PUT", "4096", "%s.%d" % (stamp, next(nonce)), "suffix"], row=row)
-        upload = lambda: self.wrk(s.up + "/upload", [
+        upload = lambda: self.wrk(s.up + "/upload", [s, b1, b2], "upload.lua", [
             "POST", "4096", "%s.%d" % (stamp, next(nonce))], row=row)
         res = self.alternate({"nginx": put, "ours": upload})
-        self.profile("row3", [s, b1, b2], upload)
-        acked = sum(c.requests for _, c in res["ours"])
+        self.profile("sos_upload_4k", [s, b1, b2], upload)
+        acked = sum(x.requests for x in res["ours"])
         held = [json.loads(request(b.url + "/stats")[1])["blobs"] for b in (b1, b2)]
-        ours = [r for r, _ in res["ours"]]
-        base = [r for r, _ in res["nginx"]]
-        ratio = median(ours) / median(base)
         notes = ["after the measured runs%s the blob-servers hold %d and %d blobs; "
                  "wrk counted %d answered uploads in the measured runs"
                  % (" and the profiled run" if PROFILE else "", held[0], held[1], acked)]
-        self.record(3, "sos-server upload 4 KiB, unique bodies, durable, 2 copies "
-                    "(wrk -t2 -c64 -d%ds, bench/upload.lua) vs nginx WebDAV PUT of "
-                    "new 4 KiB files" % DURATION, ours, "req/s", base, "nginx PUT",
-                    target="≥ 0.08", met=ratio >= 0.08, services=[s, b1, b2, self.ng],
-                    clients=[c for _, c in res["ours"] + res["nginx"]],
+        self.record("sos_upload_4k", "sos-server upload 4 KiB, unique bodies, durable, "
+                    "2 copies (%s, bench/upload.lua) vs nginx WebDAV PUT of new 4 KiB "
+                    "files" % self.wrk_desc(), res["ours"], "req/s", res["nginx"],
+                    "nginx PUT", target="≥ 0.15", met=lambda ratio, cpu: ratio >= 0.15,
+                    services=[s, b1, b2], base_services=[self.ng],
                     commands=[b1.command, b2.command, s.command,
-                              shlex.join(res["ours"][0][1].argv),
-                              shlex.join(res["nginx"][0][1].argv)],
+                              shlex.join(res["ours"][0].res.argv),
+                              shlex.join(res["nginx"][0].res.argv)],
                     notes=notes, row=row)
         self.stop(s, b1, b2)
 
@@ -635,81 +940,80 @@ class Bench:
             raise RuntimeError("upload of %s: %s %s" % (name, status, body[:200]))
         return answer
 
-    def row4(self):
-        """sos-server fetch 4 KiB vs nginx GET."""
-        row = {}
-        b1, b2, s = self.group_of_two()
-        self.upload(s.up, "4k")
-        ours_url = "%s/fetch/%s" % (s.down, self.ids["4k"])
-        ng_url = self.ng.url + "/4k"
-        res = self.alternate({"nginx": lambda: self.wrk(ng_url, row=row),
-                              "ours": lambda: self.wrk(ours_url, row=row)})
-        self.profile("row4", [s, b1, b2], lambda: self.wrk(ours_url))
-        ours = [r for r, _ in res["ours"]]
-        base = [r for r, _ in res["nginx"]]
-        ratio = median(ours) / median(base)
-        self.record(4, "sos-server fetch 4 KiB (group of 2), wrk -t2 -c64 -d%ds"
-                    % DURATION, ours, "req/s", base, target="≥ 0.06",
-                    met=ratio >= 0.06, services=[s, b1, b2, self.ng],
-                    clients=[c for _, c in res["ours"] + res["nginx"]],
-                    commands=[b1.command, b2.command, s.command,
-                              shlex.join(res["ours"][0][1].argv),
-                              shlex.join(res["nginx"][0][1].argv)], row=row)
-        self.stop(s, b1, b2)
-
     def dd(self):
         path = os.path.join(self.tmp, "dd.out")
         res = run(["dd", "if=/dev/zero", "of=" + path, "bs=1M", "count=1024",
                    "conv=fdatasync"], env=dict(os.environ, LC_ALL="C")).check()
         os.unlink(path)
         seconds = float(re.search(r"copied, ([0-9.e+-]+) s", res.err).group(1))
-        return (1 << 30) / seconds / MB, res
+        load = Load(res, (1 << 30) / seconds / MB, 1, [], [])
+        load.cpu = res.cpu                  # dd is the "server" here
+        return load
 
-    def row5(self):
-        """sos-server upload and fetch of 1 GiB; RSS of every process."""
+    def row_sos_upload_1g(self):
+        self.sos_1g(upload=True, fetch="sos_fetch_1g" in ROWS)
+
+    def row_sos_fetch_1g(self):
+        if "sos_upload_1g" not in ROWS:
+            self.sos_1g(upload=False, fetch=True)
+
+    def sos_1g(self, upload, fetch):
+        """sos-server upload and/or fetch of 1 GiB; RSS of every process."""
         b1, b2, s = self.group_of_two()
-        up = lambda: self.curl(s.up + "/upload", upload=self.files["1g"],
-                               out=os.path.join(self.tmp, "upload.json"))
-        res = self.alternate({"dd": self.dd, "ours": up})
-        self.profile("row5-upload", [s, b1, b2], up)
-        with open(os.path.join(self.tmp, "upload.json")) as f:
-            answer = json.load(f)
-        ok = answer.get("id") == self.ids["1g"] and answer.get("copies") == 2
-        ours_url = "%s/fetch/%s" % (s.down, self.ids["1g"])
-        ng_url = self.ng.url + "/1g"
-        self.curl(ng_url)
-        fetch = self.alternate({"nginx": lambda: self.curl(ng_url),
-                                "ours": lambda: self.curl(ours_url)})
-        self.profile("row5-fetch", [s, b1, b2], lambda: self.curl(ours_url))
-        rss = [k or 0 for svc in (s, b1, b2) for _, k in svc.rss()]
-        small = all(0 < k < 64 * 1024 for k in rss)
-        up_mbs = [r[0] for r in res["ours"]]
-        dd_mbs = [r[0] for r in res["dd"]]
-        up_ratio = median(up_mbs) / median(dd_mbs)
-        self.record(5, "sos-server upload of 1 GiB (curl -T, 2 copies, durable) vs "
-                    "`dd conv=fdatasync` of 1 GiB", up_mbs, "MB/s", dd_mbs, "dd",
-                    target="≥ 0.35; every process < 64 MiB",
-                    met=up_ratio >= 0.35 and small and ok, services=[s, b1, b2],
-                    clients=[r[2] for r in res["ours"]],
-                    commands=[b1.command, b2.command, s.command,
-                              shlex.join(res["ours"][0][2].argv),
-                              shlex.join(res["dd"][0][1].argv)],
-                    notes=["peak RSS of sos-server and both blob-servers: at most "
-                           "%s MiB (< 64 MiB: %s)" % (mib(max(rss)), "yes" if small
-                                                       else "**no**"),
-                           "" if ok else "upload answered %s" % answer])
-        f_ours = [r[0] for r in fetch["ours"]]
-        f_base = [r[0] for r in fetch["nginx"]]
-        f_ratio = median(f_ours) / median(f_base)
-        self.record(5, "sos-server fetch of 1 GiB (curl, hashed while streaming)",
-                    f_ours, "MB/s", f_base, target="≥ 0.60; every process < 64 MiB",
-                    met=f_ratio >= 0.6 and small, services=[s, b1, b2, self.ng],
-                    clients=[r[2] for r in fetch["ours"] + fetch["nginx"]],
-                    commands=[shlex.join(fetch["ours"][0][2].argv),
-                              shlex.join(fetch["nginx"][0][2].argv)])
+        settle([s, b1, b2])
+        rss_notes = []
+
+        def small():
+            rss = [k or 0 for svc in (s, b1, b2) for _, k in svc.rss()]
+            ok = all(0 < k < 64 * 1024 for k in rss)
+            rss_notes[:] = ["peak RSS of sos-server and both blob-servers, every "
+                            "process: at most %s MiB (< 64 MiB: %s)"
+                            % (mib(max(rss)), "yes" if ok else "**no**")]
+            return ok
+
+        answer_path = os.path.join(self.tmp, "upload.json")
+        up = lambda: self.curl(s.up + "/upload", [s, b1, b2], upload=self.files["1g"],
+                               out=answer_path)
+        if upload:
+            res = self.alternate({"dd": self.dd, "ours": up})
+            self.profile("sos_upload_1g", [s, b1, b2], up)
+            with open(answer_path) as f:
+                answer = json.load(f)
+            ok = answer.get("id") == self.ids["1g"] and answer.get("copies") == 2
+            small_ok = small()
+            self.record("sos_upload_1g", "sos-server upload of 1 GiB (curl -T, 2 "
+                        "copies, durable) vs `dd conv=fdatasync` of 1 GiB",
+                        res["ours"], "MB/s", res["dd"], "dd",
+                        target="≥ 0.50; every process < 64 MiB",
+                        met=lambda ratio, cpu: ratio >= 0.5 and small_ok and ok,
+                        services=[s, b1, b2],
+                        commands=[b1.command, b2.command, s.command,
+                                  shlex.join(res["ours"][0].res.argv),
+                                  shlex.join(res["dd"][0].res.argv)],
+                        notes=list(rss_notes) + ["CPU per request of dd: dd's own user + "
+                                           "system time", "" if ok else
+                                           "upload answered %s" % answer])
+        else:
+            self.upload(s.up, "1g")
+        if fetch:
+            ours_url = "%s/fetch/%s" % (s.down, self.ids["1g"])
+            ng_url = self.ng.url + "/1g"
+            self.curl(ng_url)
+            res = self.alternate({"nginx": lambda: self.curl(ng_url, [self.ng]),
+                                  "ours": lambda: self.curl(ours_url, [s, b1, b2])})
+            self.profile("sos_fetch_1g", [s, b1, b2], lambda: self.curl(ours_url))
+            small_ok = small()
+            self.record("sos_fetch_1g", "sos-server fetch of 1 GiB (curl; verified: "
+                        "hashed while streaming)", res["ours"], "MB/s", res["nginx"],
+                        target="≥ 0.50; every process < 64 MiB",
+                        met=lambda ratio, cpu: ratio >= 0.5 and small_ok,
+                        services=[s, b1, b2], base_services=[self.ng],
+                        commands=[shlex.join(res["ours"][0].res.argv),
+                                  shlex.join(res["nginx"][0].res.argv)],
+                        notes=list(rss_notes))
         self.stop(s, b1, b2)
 
-    def row6(self):
+    def row_sos_groups(self):
         """sos-server fetch 4 KiB with 8 groups vs 1 group."""
         row = {}
         blobs = [self.blob_server("blob-g%d" % i) for i in range(8)]
@@ -724,34 +1028,36 @@ class Bench:
         s1 = self.sos_server("sos-1-group", [holder[0].url])
         url8 = "%s/fetch/%s" % (s8.down, self.ids["4k"])
         url1 = "%s/fetch/%s" % (s1.down, self.ids["4k"])
-        res = self.alternate({"1 group": lambda: self.wrk(url1, row=row),
-                              "8 groups": lambda: self.wrk(url8, row=row)})
-        ours = [r for r, _ in res["8 groups"]]
-        base = [r for r, _ in res["1 group"]]
-        ratio = median(ours) / median(base)
-        self.record(6, "sos-server fetch 4 KiB, 8 groups of 1 vs 1 group of 1 (the "
-                    "same blob-server holds the blob), wrk -t2 -c64 -d%ds" % DURATION,
-                    ours, "req/s", base, "1 group", target="≥ 0.90",
-                    met=ratio >= 0.9, services=[s8, s1] + holder,
-                    clients=[c for _, c in res["8 groups"] + res["1 group"]],
+        settle(blobs + [s8, s1])
+        res = self.alternate({"1 group": lambda: self.wrk(url1, [s1, holder[0]], row=row),
+                              "8 groups": lambda: self.wrk(url8, [s8, holder[0]],
+                                                           row=row)})
+        self.record("sos_groups", "sos-server fetch 4 KiB, 8 groups of 1 vs 1 group of "
+                    "1 (the same blob-server holds the blob; one id: this row is about "
+                    "routing), %s" % self.wrk_desc(),
+                    res["8 groups"], "req/s", res["1 group"], "1 group",
+                    target="≥ 0.90", met=lambda ratio, cpu: ratio >= 0.9,
+                    services=[s8] + holder, base_services=[s1] + holder,
                     commands=["%s   # and 7 more, blob-g0..blob-g7" % blobs[0].command,
                               "cat %s   # [g0] -: URL ... [g7] -: URL" % conf,
                               s8.command, s1.command,
-                              shlex.join(res["8 groups"][0][1].argv),
-                              shlex.join(res["1 group"][0][1].argv)],
+                              shlex.join(res["8 groups"][0].res.argv),
+                              shlex.join(res["1 group"][0].res.argv)],
                     notes=["the blob was stored once per sos-server by POST /upload; "
-                           "it lives on %s" % holder[0].name], row=row)
+                           "it lives on %s; server CPU: the sos-server and %s"
+                           % (holder[0].name, holder[0].name)], row=row)
         self.stop(s8, s1, *blobs)
 
-    def row7(self):
+    def row_blob_list(self):
         """GET /blobs on a blob-server holding BLOBS blobs."""
         path, made = self.store()
         b = self.blob_server("blob-%d" % BLOBS, path)
         start = time.monotonic()
         status, _ = request(b.url + "/digests", timeout=600)
         digests_s = time.monotonic() - start
+        settle([b])
         listing = os.path.join(self.tmp, "blobs.json")
-        res = [self.curl(b.url + "/blobs", out=listing) for _ in range(RUNS)]
+        res = [self.curl(b.url + "/blobs", [b], out=listing) for _ in range(RUNS)]
         with open(listing, "rb") as f:
             ids = json.load(f)
         ok = len(ids) == BLOBS and ids == sorted(ids)
@@ -764,12 +1070,13 @@ class Bench:
                  "sync at the end; ids are SHA-1 of the bytes); %s"
                  % (BLOBS, path, made or "cached from an earlier run")]
         del ids
-        self.record(7, "GET /blobs on a blob-server with %s blobs (curl, whole "
-                    "listing)" % "{:,}".format(BLOBS), [r[1] for r in res], "s",
+        for r in res:
+            r.value = r.seconds
+        self.record("blob_list", "GET /blobs on a blob-server with %s blobs (curl, "
+                    "whole listing)" % "{:,}".format(BLOBS), res, "s",
                     target="streams; RSS < 64 MiB; seconds reported",
                     met=ok and rss is not None and rss < 64 * 1024, services=[b],
-                    clients=[r[2] for r in res],
-                    commands=[b.command, shlex.join(res[0][2].argv)], notes=notes)
+                    commands=[b.command, shlex.join(res[0].res.argv)], notes=notes)
         self.stop(b)
 
     def replicate(self, a, b):
@@ -782,7 +1089,7 @@ class Bench:
         res.examined, res.copied, res.failed, res.unreachable = map(int, m.groups()[:4])
         return res
 
-    def row8(self):
+    def row_replicate(self):
         """replicate on an in-sync group of BLOBS per member; then 1% missing."""
         path_a, made_a = self.store()
         path_b, made_b = self.store("-b")
@@ -795,9 +1102,9 @@ class Bench:
         insync = [self.replicate(a, b) for _ in range(RUNS)]
         if any(r.copied or r.failed or r.unreachable for r in [cold] + insync):
             raise RuntimeError("members not in sync:\n" + cold.out + insync[0].out)
-        self.profile("row8", [a, b], lambda: self.replicate(a, b))
+        self.profile("replicate", [a, b], lambda: self.replicate(a, b))
         insync_s = [r.seconds for r in insync]
-        self.record(8, "replicate, group of 2 in sync, %s blobs each"
+        self.record("replicate", "replicate, group of 2 in sync, %s blobs each"
                     % "{:,}".format(BLOBS), figure(insync_s, "s")
                     + "; cold: %.2f s" % cold.seconds, "s",
                     target="< 10 s", met=median(insync_s) < 10, services=[a, b],
@@ -813,7 +1120,7 @@ class Bench:
         missing = BLOBS // 100
         runs = []
         rng = random.Random()
-        for _ in range(RUNS):
+        for _ in range(MISSING_RUNS):
             self.stop(b)
             os.unlink(path_b + ".ok")
             for i in rng.sample(range(BLOBS), missing):
@@ -827,8 +1134,8 @@ class Bench:
                 break
             open(path_b + ".ok", "w").close()
         exact = all(r.copied == missing and not r.failed for r in runs)
-        self.record(8, "replicate, same group with 1%% (%s) of member-b's blobs "
-                    "deleted and member-b restarted" % "{:,}".format(missing),
+        self.record("replicate", "replicate, same group with 1%% (%s) of member-b's "
+                    "blobs deleted and member-b restarted" % "{:,}".format(missing),
                     [r.seconds for r in runs], "s", target="seconds reported; "
                     "copies exactly the missing", met=exact, services=[a, b],
                     clients=runs, commands=[shlex.join(runs[0].argv)],
@@ -873,34 +1180,56 @@ class Bench:
                    version(["curl", "--version"], r"curl (\S+)"), self.load))
 
     @staticmethod
-    def knobs():
-        out = ""
-        if ROWS != list(range(1, 9)):
-            out += " BENCH_ROWS=%s" % ",".join(map(str, ROWS))
+    def command():
+        """The command that repeats this run: every knob that shapes it."""
+        knobs = [("BENCH_RUNS", RUNS), ("BENCH_DURATION", DURATION)]
+        if set(ROWS) & {"blob_list", "replicate"}:
+            knobs.append(("BENCH_BLOBS", BLOBS))
+        if "replicate" in ROWS and MISSING_RUNS != 1:
+            knobs.append(("BENCH_MISSING_RUNS", MISSING_RUNS))
+        for name, value, default in (("BENCH_IDS", IDS, 2048), ("BENCH_SEED", SEED, 13),
+                                     ("BENCH_THREADS", WRK_THREADS, 2),
+                                     ("BENCH_CONNECTIONS", WRK_CONNECTIONS, 64)):
+            if value != default:
+                knobs.append((name, value))
+        if ROWS != ALL_ROWS:
+            knobs.append(("BENCH_ROWS", ",".join(ROWS)))
         for name, args in (("BENCH_BLOB_ARGS", BLOB_ARGS), ("BENCH_SOS_ARGS", SOS_ARGS)):
             if args:
-                out += " %s=%s" % (name, shlex.quote(shlex.join(args)))
-        return out
+                knobs.append((name, shlex.join(args)))
+        return " ".join("%s=%s" % (k, shlex.quote(str(v))) for k, v in knobs) \
+            + " make bench"
 
     def markdown(self, started, seconds):
         out = ["", "## %s" % started.strftime("%Y-%m-%d %H:%M UTC"), "",
                self.header(), "",
-               "`make bench` (BENCH_RUNS=%d BENCH_DURATION=%d BENCH_BLOBS=%d%s), "
-               "%.0f s in all." % (RUNS, DURATION, BLOBS, self.knobs(), seconds),
-               "", "| # | workload | ours | yardstick | ratio | target | met | "
-               "peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|"]
+               "`%s`, %.0f s in all." % (self.command(), seconds), "",
+               "Servers at their default flags%s; 4 KiB GETs over %s distinct ids "
+               "chosen at random (bench/get.lua, seed %d), nginx on the same files; "
+               "server CPU/req = utime+stime of every process of the servers' trees "
+               "over the client run / requests completed (for sos-server rows: "
+               "sos-server and its blob-servers); p50 / p99 from `wrk --latency`; "
+               "targets of issue 13 (blob_get_100m, sos_groups, blob_list, replicate: "
+               "issue 6)." % (
+                   " plus %s" % shlex.join(BLOB_ARGS + SOS_ARGS)
+                   if BLOB_ARGS or SOS_ARGS else "", "{:,}".format(IDS), SEED),
+               "", "| row | workload | ours | yardstick | ratio | target | met | "
+               "server CPU/req, ours | server CPU/req, yardstick | p50 / p99, ours | "
+               "p50 / p99, yardstick | peak RSS (MiB) |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
-            out.append("| %(num)d | %(workload)s | %(ours)s | %(base)s | %(ratio)s | "
-                       "%(target)s | %(met)s | %(rss)s |" % r)
+            out.append("| %(name)s | %(workload)s | %(ours)s | %(base)s | %(ratio)s | "
+                       "%(target)s | %(met)s | %(cpu)s | %(base_cpu)s | %(lat)s | "
+                       "%(base_lat)s | %(rss)s |" % r)
         out += ["", "Commands (ports and temporary paths as in this run; nginx.conf "
                 "below):", ""]
         for r in self.rows:
             for c in r["commands"]:
-                out.append("- %d: `%s`" % (r["num"], c.replace("`", "'")))
-        notes = [(r["num"], n) for r in self.rows for n in r["notes"] if n]
+                out.append("- %s: `%s`" % (r["name"], c.replace("`", "'")))
+        notes = [(r["name"], n) for r in self.rows for n in r["notes"] if n]
         if notes or self.notes:
             out += ["", "Notes:", ""]
-            out += ["- %d: %s" % (num, n) for num, n in notes]
+            out += ["- %s: %s" % (name, n) for name, n in notes]
             out += ["- %s" % n for n in self.notes]
         if self.ng:
             with open(self.ng.conf) as f:
@@ -913,20 +1242,26 @@ class Bench:
         started = datetime.datetime.now(datetime.timezone.utc)
         t0 = time.monotonic()
         self.load = os.getloadavg()[0]
+        big = {"blob_list", "replicate"} & set(ROWS)
         print("bench: preparing files%s in %s" % (
-            " and the %d-blob stores" % BLOBS if {7, 8} & set(ROWS) else "", CACHE),
-            flush=True)
+            " and the %d-blob stores" % BLOBS if big else "", CACHE), flush=True)
         self.make_files()
-        if {7, 8} & set(ROWS):
-            for suffix in ("", "-b") if 8 in ROWS else ("",):
+        made = self.make_small_store()
+        if made:
+            self.notes.append("made " + made)
+        if big:
+            for suffix in ("", "-b") if "replicate" in ROWS else ("",):
                 _, made = self.store(suffix)
                 if made:
                     self.notes.append("made " + made)
         self.nginx()
-        for num in ROWS:
-            print("bench: row %d (%.0f s so far)" % (num, time.monotonic() - t0),
-                  flush=True)
-            getattr(self, "row%d" % num)()
+        for name in ALL_ROWS:
+            if name == "sos_fetch_1g" and "sos_upload_1g" in ROWS:
+                continue                # measured with sos_upload_1g's servers
+            if name in ROWS:
+                print("bench: %s (%.0f s so far)" % (name, time.monotonic() - t0),
+                      flush=True)
+                getattr(self, "row_" + name)()
         if self.profiles:
             self.notes.append("py-spy profiles (collapsed stacks): "
                               + ", ".join(self.profiles))
@@ -944,7 +1279,7 @@ NGINX_CONF = """\
 # Written by bench/bench.py for one bench run.
 daemon off;
 master_process on;
-worker_processes 2;
+worker_processes auto;
 {user}
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
@@ -970,6 +1305,11 @@ http {{
             create_full_put_path on;
             client_max_body_size 0;
         }}
+        # The random-GET store, the tree our blob-servers' stores are
+        # hard-linked copies of: /store/<id[0:2]>/<id[2:4]>/<id>.
+        location /store/ {{
+            alias {store}/;
+        }}
     }}
 }}
 """
@@ -978,6 +1318,10 @@ http {{
 def main():
     # SIGTERM (and a second Ctrl-C) must still stop every server we started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    unknown = [r for r in ROWS if r not in ALL_ROWS]
+    if unknown:
+        sys.exit("bench: unknown row(s) %s; rows: %s"
+                 % (", ".join(unknown), ", ".join(ALL_ROWS)))
     bench = Bench()
     try:
         bench.main()

@@ -3,9 +3,14 @@
 #
 # Installs what the bench drives (nginx with WebDAV, wrk, curl) if missing,
 # as root with apt-get, then runs bench/bench.py, which starts and stops every
-# server itself.  Knobs (see bench/bench.py): BENCH_RUNS, BENCH_DURATION,
-# BENCH_BLOBS, BENCH_CACHE, BENCH_ROWS, BENCH_OUT, BENCH_PROFILE; PYTHON picks
-# the interpreter that runs blob.py, sos.py and replicate.py.
+# server itself.  Knobs (the list and their defaults: bench/bench.py's top):
+# BENCH_ROWS, BENCH_DURATION, BENCH_RUNS, BENCH_IDS, BENCH_SEED,
+# BENCH_CONNECTIONS, BENCH_THREADS, BENCH_BLOBS, BENCH_MISSING_RUNS,
+# BENCH_CACHE, BENCH_OUT, BENCH_BLOB_ARGS, BENCH_SOS_ARGS, BENCH_PROFILE;
+# PYTHON picks the interpreter that runs blob.py, sos.py and replicate.py.
+#
+#   make bench                                          # every row, < 15 min
+#   BENCH_ROWS=blob_get_4k BENCH_DURATION=5 make bench  # one row, quickly
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
