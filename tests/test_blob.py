@@ -1,7 +1,7 @@
 """blob.py, the blob-server (issue 2), against real servers on ephemeral ports.
 
 In-process servers (the blob_server fixture) where a test only speaks HTTP;
-real `python3 blob.py` processes (blob_process, or Popen here) where a test
+real `python3 blob.py` processes (blob_process, or blob_cli here) where a test
 kills, signals, chroots or fills one.  Stores live in tmp_path; the full-disk
 test mounts a 4 MiB tmpfs (the tests run as root).
 """
@@ -27,9 +27,8 @@ from hypothesis import strategies as st
 
 import blob
 import wire
-from conftest import ROOT, get_json, request, wait_for
+from support import BLOB_PY, BlobProcess, blob_path, get_json, request, wait_for
 
-BLOB_PY = os.path.join(ROOT, "blob.py")
 SPEC_ID = re.compile(r"[a-z0-9]{1,128}")     # the issue's id rule, restated
 PROXY_AND_INTERNAL = ("X-Forwarded-", "X-Real-Ip", "X-Sos-", "X-Cluster-")
 
@@ -51,12 +50,6 @@ def go_canonical(name):
         out.append(c)
         upper = c == "-"
     return "".join(out)
-
-
-def blob_path(store, blob_id):
-    """Where the layout puts a blob: <store>/ab/cd/abcd..., short ids padded."""
-    padded = blob_id[:4].ljust(4, "-")
-    return os.path.join(str(store), padded[:2], padded[2:], blob_id)
 
 
 def port_of(url):
@@ -105,32 +98,34 @@ def assert_error_json(status, body, expected):
     assert isinstance(json.loads(body)["error"], str)
 
 
+def assert_status(status, right, known_wrong, why):
+    """status must be `right`.  The wrong one the server is known to send (a
+    bug with an issue) marks the test xfail instead: call this last, so every
+    other check of the test has run."""
+    if status == known_wrong:
+        pytest.xfail("%s (%d; right: %d)" % (why, known_wrong, right))
+    assert status == right
+
+
 def list_ids(url, query=""):
     status, headers, body = request(url + "/blobs" + query)
     assert status == 200, body
     return json.loads(body)
 
 
-def start_cli(*args, **popen):
-    """blob.py with exactly these arguments: (Popen, url, banner) once alive."""
-    proc = subprocess.Popen([sys.executable, BLOB_PY] + list(args),
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, **popen)
-    line = proc.stdout.readline()
-    m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
-    if not m:
-        proc.kill()
-        proc.wait()
-        raise AssertionError("blob.py did not start: %r" % line)
-    url = "http://127.0.0.1:%s" % m.group(1)
-    wait_for(lambda: request(url + "/alive", timeout=2)[0] == 200, what="alive")
-    return proc, url, line
+@pytest.fixture
+def blob_cli():
+    """Factory: blob.py with exactly the given arguments (a BlobProcess
+    without a store; .banner is its first line), killed after the test."""
+    started = []
 
-
-def stop_cli(proc):
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(timeout=30)
+    def start(*args, **popen):
+        srv = BlobProcess(None, *args, **popen)
+        started.append(srv)
+        return srv
+    yield start
+    for srv in started:
+        srv.kill()
 
 
 def wait_for_temp(store, min_size):
@@ -366,6 +361,10 @@ def test_reupload_keeps_the_first_metadata(blob_server):
     assert "x-two" not in headers
 
 
+# RFC 9110 5.5: CR, LF and NUL in a field value make the message invalid
+# (400); other controls are invalid too; HTAB and obs-text (bytes >= 0x80) are
+# valid HTTP that the API refuses as metadata: a client error, 400.  431 is
+# only for header fields too large (RFC 6585 5).
 @pytest.mark.parametrize("header_block", [
     b"X-Bad: a\x01b\r\n",                  # control character
     b"X-Bad: caf\xc3\xa9\r\n",             # not ASCII
@@ -373,23 +372,24 @@ def test_reupload_keeps_the_first_metadata(blob_server):
     b"X-Bad: a\rb\r\n",                    # bare CR
     b"X-Bad: a\x00b\r\n",                  # NUL
 ])
-def test_non_printable_metadata_is_refused_4xx(blob_server, header_block):
+def test_non_printable_metadata_is_refused_400(blob_server, header_block):
     srv = blob_server()
     status, _, body = raw(srv.url, b"POST /blob/badmeta HTTP/1.1\r\nHost: x\r\n"
                           b"Content-Length: 1\r\n" + header_block + b"\r\nz", "POST")
-    assert 400 <= status < 500
     assert json.loads(body)["error"]
     assert request(srv.url + "/blob/badmeta")[0] == 404
+    assert_status(status, 400, known_wrong=431,
+                  why="issue 12 row 15: a refused X-* value is 431 today")
 
 
-def test_too_many_or_too_large_metadata_is_refused_4xx(blob_server):
+def test_too_many_or_too_large_metadata_is_431(blob_server):
     srv = blob_server()
     many = {"X-H%d" % i: "v" for i in range(40)}
     status, _, body = request(srv.url + "/blob/many", "POST", b"z", many)
-    assert 400 <= status < 500 and json.loads(body)["error"]
+    assert_error_json(status, body, 431)
     large = {"X-Big": "v" * 9000}
     status, _, body = request(srv.url + "/blob/large", "POST", b"z", large)
-    assert 400 <= status < 500 and json.loads(body)["error"]
+    assert_error_json(status, body, 431)
     assert request(srv.url + "/blob/many")[0] == 404
     assert request(srv.url + "/blob/large")[0] == 404
     assert files_in(srv.store.root) == []
@@ -940,17 +940,14 @@ def test_sigterm_of_an_idle_server_exits_0(blob_process):
     assert proc.kill(signal.SIGTERM) == 0
 
 
-def test_root_start_drops_to_nobody_and_every_endpoint_works(tmp_path):
+def test_root_start_drops_to_nobody_and_every_endpoint_works(tmp_path, blob_cli):
     assert os.geteuid() == 0, "this test needs root (the tests run as root)"
     store = str(tmp_path / "store")
     # Supplementary groups to shed: root's, daemon's, bin's.
-    proc, url, banner = start_cli("-store", store, "-port", "0", "--user", "nobody",
-                                  extra_groups=[0, 1, 2])
-    try:
-        assert "running as nobody" in banner
-        check_dropped_and_serving(proc, url, store)
-    finally:
-        stop_cli(proc)
+    srv = blob_cli("-store", store, "-port", "0", "--user", "nobody",
+                   extra_groups=[0, 1, 2])
+    assert "running as nobody" in srv.banner
+    check_dropped_and_serving(srv, srv.url, store)
 
 
 def check_dropped_and_serving(proc, url, store):
@@ -981,29 +978,23 @@ def check_dropped_and_serving(proc, url, store):
     assert os.stat(blob_path(store, sha1)).st_uid == nobody.pw_uid
 
 
-def test_double_dash_flags_work(tmp_path):
+def test_double_dash_flags_work(tmp_path, blob_cli):
     store = tmp_path / "dd"
-    proc, url, banner = start_cli("--store", str(store), "--port=0", "--reserve",
-                                  "2M", "--host", "127.0.0.1", "--verbose")
-    try:
-        assert str(store) in banner and "127.0.0.1:" in banner
-        assert store.is_dir()
-        assert get_json(url + "/stats")[1]["reserve"] == 2 << 20
-    finally:
-        stop_cli(proc)
+    srv = blob_cli("--store", str(store), "--port=0", "--reserve", "2M",
+                   "--host", "127.0.0.1", "--verbose")
+    assert str(store) in srv.banner and "127.0.0.1:" in srv.banner
+    assert store.is_dir()
+    assert get_json(srv.url + "/stats")[1]["reserve"] == 2 << 20
 
 
-def test_go_style_single_dash_flags_work(tmp_path):
+def test_go_style_single_dash_flags_work(tmp_path, blob_cli):
     store = tmp_path / "sd"
-    proc, url, banner = start_cli("-store", str(store), "-port", "0",
-                                  "-reserve=3M", "-host", "127.0.0.1")
-    try:
-        assert str(store) in banner
-        assert get_json(url + "/stats")[1]["reserve"] == 3 << 20
-        assert request(url + "/blob/flagged", "POST", b"f")[0] == 200
-        assert os.path.exists(blob_path(store, "flagged"))
-    finally:
-        stop_cli(proc)
+    srv = blob_cli("-store", str(store), "-port", "0", "-reserve=3M",
+                   "-host", "127.0.0.1")
+    assert str(store) in srv.banner
+    assert get_json(srv.url + "/stats")[1]["reserve"] == 3 << 20
+    assert request(srv.url + "/blob/flagged", "POST", b"f")[0] == 200
+    assert os.path.exists(blob_path(store, "flagged"))
 
 
 @pytest.mark.parametrize("args", [
@@ -1104,12 +1095,16 @@ def test_planted_symlinks_are_not_followed(blob_server, tmp_path):
             assert b"SECRET" not in body and b"root:" not in body
         assert request(srv.url + "/verify/" + blob_id, "POST", b"")[0] == 404
     before = tree(outside)
-    for blob_id in ("zzyy2", "qqrr2"):
-        status, _, _ = request(srv.url + "/blob/" + blob_id, "POST", b"planted")
-        assert status != 200
+    # An upload whose place in the store is a planted link is refused; the
+    # fault is the server's (its store), not the request's: 500.
+    statuses = [request(srv.url + "/blob/" + blob_id, "POST", b"planted")[0]
+                for blob_id in ("zzyy2", "qqrr2")]
     assert tree(outside) == before
     with open("/etc/passwd", "rb") as f:
         assert f.read() == passwd
     assert list_ids(srv.url) == []
     assert get_json(srv.url + "/stats")[1]["blobs"] == 0
     assert get_json(srv.url + "/digests")[1] == {}
+    for status in statuses:
+        assert_status(status, 500, known_wrong=404,
+                      why="an upload under a planted symlink is answered 404 today")

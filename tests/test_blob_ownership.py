@@ -10,7 +10,7 @@ import hashlib
 import os
 import pwd
 
-from conftest import get_json
+from support import get_json
 
 
 def test_store_owned_by_the_run_user_takes_uploads_after_a_root_start(

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import blob
 import wire
 import sos
-from conftest import ROOT, InProcess, get_json, request, wait_for
+from support import ROOT, InProcess, get_json, request, wait_for
 
 
 @pytest.fixture

@@ -16,13 +16,9 @@ import blob
 import wire
 import replicate
 import sos
-from conftest import ROOT, get_json, request
 from go_original import GoOriginal
-from helpers import Front, blob_path, flip_byte, stop_hard
-
-
-def sha1(data):
-    return hashlib.sha1(data).hexdigest()
+from support import (ROOT, Front, blob_path, flip_byte, get_json, request, sha1,
+                     stop_hard)
 
 
 def put(srv, data, meta=None):

@@ -2,7 +2,6 @@
 against real blob-servers (in-process, or real processes where one must be
 frozen)."""
 
-import hashlib
 import http.client
 import json
 import logging
@@ -22,12 +21,8 @@ from hypothesis.stateful import (Bundle, RuleBasedStateMachine, initialize,
 
 import blob
 import sos
-from conftest import ROOT, InProcess, request
-from helpers import Front, blob_path, flip_byte, stop_hard
-
-
-def sha1(data):
-    return hashlib.sha1(data).hexdigest()
+from support import (ROOT, Front, InProcess, blob_path, flip_byte, request, sha1,
+                     stop_hard)
 
 
 def body_where(predicate, size=200):

@@ -7,26 +7,26 @@ ptrace and the files on disk.  The programs are imported only for their
 constants (the deadlines they promise) and pure functions (placement).
 """
 
-import hashlib
-import http.client
-import json
 import os
 import re
-import select
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PYTHON = sys.executable
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+# The tests' one support module (tests/ is on sys.path: pytest puts the
+# folder above this package there).  What the suite takes from it is named
+# here, so `from .kit import ...` keeps working.
+import support
+from support import (PYTHON, ROOT, BlobProcess, blob_path, flip_bit,  # noqa: F401
+                     get_json, request, sha1, wait_for)
 
-import sos  # noqa: E402
+import sos  # noqa: E402,F401  (tests take placement from kit.sos)
 import wire  # noqa: E402
+
+poll = wait_for
+request_json = get_json
 
 # One knob scales every trial count of the fast suite (CI: 1); the soak
 # tests run for SOAK_MINUTES in all instead.
@@ -77,45 +77,7 @@ def scaled(n, minimum=1):
     return max(minimum, int(n * SCALE))
 
 
-def sha1(data):
-    return hashlib.sha1(data).hexdigest()
-
-
-def poll(predicate, timeout=10.0, interval=0.02, what="condition"):
-    """Poll predicate until truthy; AssertionError after timeout."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
-        time.sleep(interval)
-
-
 # --- HTTP clients --------------------------------------------------------------
-
-def request(url, method="GET", body=None, headers=None, timeout=30):
-    """One request on a new connection: (status, {lower-case name: value}, body).
-
-    Raises OSError / http.client.HTTPException if the exchange fails: a
-    response cut short is not a response."""
-    host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
-    path = "/" + url.split("//", 1)[1].partition("/")[2]
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    try:
-        conn.request(method, path, body, headers or {})
-        resp = conn.getresponse()
-        data = resp.read()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
-    finally:
-        conn.close()
-
-
-def request_json(url, method="GET", body=None, headers=None, timeout=30):
-    status, _, data = request(url, method, body, headers, timeout)
-    return status, json.loads(data) if data else None
-
 
 def address(url):
     host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
@@ -234,75 +196,10 @@ def exchange(url, data, timeout=10.0, head_only=False):
 
 # --- Our programs as processes ------------------------------------------------
 
-class Program:
-    """One of our programs as a real process.
-
-    stdout is read for the start-up banner; stderr goes to a log file that
-    tests search for tracebacks."""
-
-    banner_timeout = 30.0
-
-    def __init__(self, argv, log_path, env=None):
-        self.argv = list(argv)
-        self.log_path = str(log_path)
-        self.env = env
-        self.proc = None
-        self.ignore_tracebacks = False
-
-    def spawn(self):
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE,
-                                         stderr=log, env=self.env, cwd=ROOT)
-        self.pid = self.proc.pid
-
-    def read_line(self, timeout=None):
-        """One line of stdout ('' at EOF); AssertionError after timeout."""
-        end = time.monotonic() + (timeout or self.banner_timeout)
-        out = self.proc.stdout
-        line = b""
-        while not line.endswith(b"\n"):
-            left = end - time.monotonic()
-            if left <= 0 or not select.select([out], [], [], left)[0]:
-                self.kill()
-                raise AssertionError("%s: no output within %.0fs; log:\n%s"
-                                     % (self.argv[1], timeout or self.banner_timeout,
-                                        self.log()[-2000:]))
-            byte = os.read(out.fileno(), 1)
-            if not byte:
-                break
-            line += byte
-        return line.decode()
-
-    def running(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self, sig=signal.SIGKILL, timeout=30):
-        """Send sig and wait for the exit; returns the exit status."""
-        if self.running():
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc and self.proc.stdout:
-            self.proc.stdout.close()
-        return self.proc.returncode if self.proc else None
-
-    def stop(self):
-        return self.kill(signal.SIGTERM)
-
-    def log(self):
-        try:
-            with open(self.log_path, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
-
-    def tracebacks(self):
-        return self.log().count("Traceback (most recent call last)")
-
-    # /proc figures (invariant I6).
+class Program(support.Program):
+    """One of our programs as a real process (support.Program: spawn, the
+    banner read against a deadline, kill, the stderr log), with the /proc
+    figures invariant I6 is checked on."""
 
     def _status(self):
         with open("/proc/%d/status" % self.pid) as f:
@@ -366,47 +263,13 @@ class Program:
         return tuple(seen)
 
 
-class BlobServer(Program):
-    """blob.py serving a store; keeps its port across restarts."""
+class BlobServer(Program, BlobProcess):
+    """blob.py serving a store (support.BlobProcess), its stderr logged to
+    store.log unless log_path says where."""
 
-    def __init__(self, store, *args, log_path=None, port=0, python=PYTHON,
-                 prefix=(), env=None, probe=True, host="127.0.0.1"):
-        self.store = str(store)
-        self.host = host
-        self.args = list(args)
-        self.port = port
-        self.python = python
-        self.prefix = list(prefix)
-        self.probe = probe
-        super().__init__([], log_path or self.store + ".log", env)
-        self.start()
-
-    def start(self):
-        self.argv = self.prefix + [self.python, os.path.join(ROOT, "blob.py"),
-                                   "-store", self.store, "-host", self.host,
-                                   "-port", str(self.port)] + self.args
-        self.spawn()
-        line = self.read_line()
-        m = re.search(r"https?://[\d.]+:(\d+)/", line)
-        if not m:
-            self.kill()
-            raise AssertionError("blob-server did not start: %r\n%s"
-                                 % (line, self.log()[-2000:]))
-        self.port = int(m.group(1))
-        self.url = "http://%s:%d" % (self.host, self.port)
-        if self.probe:
-            poll(self.alive, 30, what="blob-server /alive")
-        return self
-
-    def restart(self):
-        self.kill()
-        return self.start()
-
-    def alive(self):
-        try:
-            return request(self.url + "/alive", timeout=2)[0] == 200
-        except (OSError, http.client.HTTPException):
-            return False
+    def __init__(self, store, *args, log_path=None, **kwargs):
+        super().__init__(store, *args, log_path=log_path or str(store) + ".log",
+                         **kwargs)
 
     def post(self, blob_id, body, headers=None, timeout=30):
         return request(self.url + "/blob/" + blob_id, "POST", body, headers, timeout)
@@ -418,10 +281,6 @@ class BlobServer(Program):
         status, ids = request_json(self.url + "/blobs")
         assert status == 200, status
         return ids
-
-    def path(self, blob_id):
-        padded = blob_id[:4].ljust(4, "-")
-        return os.path.join(self.store, padded[:2], padded[2:], blob_id)
 
     def tmp_files(self):
         try:
@@ -519,17 +378,6 @@ def stored(store):
                 if not name.endswith(".json"):
                     out[name] = os.path.join(p2, name)
     return out
-
-
-def flip_bit(path, offset, bit=0):
-    """Flip one bit of a file in place, as a failing disk would."""
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ (1 << bit)]))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # --- strace --------------------------------------------------------------------------
