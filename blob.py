@@ -151,8 +151,10 @@ class BlobStore:
                     os.fsync(fd)       # the new directory entry is durable
                     next_fd = self._open_dir(fd, name)
                 except OSError as e:
-                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise Missing(blob_id) from None   # planted symlink
+                    # A planted symlink: to a reader the blob is not here; a
+                    # writer can't put it there, which is the store's fault.
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR) and not create:
+                        raise Missing(blob_id) from None
                     raise
                 if fd != self.root_fd:
                     os.close(fd)

@@ -68,7 +68,7 @@ LIMITS = [
                                              *[b"X-M%d: %s" % (i, b"v" * 1000) for i in range(10)]),
      {431}, True),
     ("X-* value with a control byte", lambda p: head(p, b"Content-Length: 1", b"X-M: a\x01b"),
-     {400, 431}, True),
+     {400}, True),
     ("Content-Length +5", lambda p: head(p, b"Content-Length: +5"), {400}, True),
     ("Content-Length 1_0", lambda p: head(p, b"Content-Length: 1_0"), {400}, True),
     ("Content-Length in Arabic digits", lambda p: head(p, "Content-Length: \u0665".encode()),
