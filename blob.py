@@ -70,6 +70,8 @@ TMP_DIR = ".tmp"
 QUARANTINE_DIR = ".quarantine"
 SPACE_CHECK_EVERY = 16 * 1024 * 1024
 RACY_SECONDS = 2.0        # a leaf changed this recently may change again unseen
+LEAF_FDS = 4096           # leaf directories kept open for reads
+META_CACHE = 65536        # blobs whose metadata (or its absence) is remembered
 
 log = logging.getLogger("blob")
 
@@ -82,6 +84,67 @@ class NoSpace(Exception):
 
 class TooLarge(Exception):
     """Larger than --max-size."""
+
+
+class Tampered(Exception):
+    """A shard directory of the store is not a directory (a planted link)."""
+
+
+class LeafCache:
+    """Open directory fds by key, at most `size`, shared by request threads.
+
+    An fd is closed only once no thread uses it: get() counts a user in,
+    put() out, and an entry pushed out while in use is closed by its last
+    user.  Two short lock holds per use, nothing done under the lock."""
+
+    def __init__(self, size):
+        self.size = size
+        self.lock = threading.Lock()
+        self.entries = {}         # key -> [fd, users, evicted]
+
+    def get(self, key, opener):
+        """The entry [fd, ...] for key, opening it with opener() if needed;
+        hand it back with put()."""
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry:
+                entry[1] += 1
+                return entry
+        fd = opener()
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry:             # another thread opened it meanwhile
+                entry[1] += 1
+            else:
+                entry = self.entries[key] = [fd, 1, False]
+                fd = None
+                if len(self.entries) > self.size:
+                    old = self.entries.pop(next(iter(self.entries)))
+                    old[2] = True
+                    fd = old[0] if old[1] == 0 else None
+        if fd is not None:
+            os.close(fd)
+        return entry
+
+    def put(self, entry):
+        with self.lock:
+            entry[1] -= 1
+            last = entry[1] == 0 and entry[2]
+        if last:
+            os.close(entry[0])
+
+    def drop(self, key, entry):
+        """Forget key's entry (its fd is closed once its users put it back)."""
+        with self.lock:
+            if self.entries.get(key) is entry:
+                del self.entries[key]
+                entry[2] = True
+
+    def close(self):
+        with self.lock:
+            entries, self.entries = list(self.entries.values()), {}
+        for fd, users, _ in entries:
+            os.close(fd)
 
 
 class BlobStore:
@@ -110,8 +173,13 @@ class BlobStore:
         self._leaves_lock = threading.Lock()
         self._warming = threading.Event()     # set: no warm() in progress
         self._warming.set()
+        self._leaf_fds = LeafCache(LEAF_FDS)
+        # A blob's metadata never changes while its file lives: remembered
+        # by (inode, ctime), which a new file under the same name never shares.
+        self._meta = {}
 
     def close(self):
+        self._leaf_fds.close()
         os.close(self.quarantine_fd)
         os.close(self.tmp_fd)
         os.close(self.root_fd)
@@ -126,6 +194,8 @@ class BlobStore:
     @contextlib.contextmanager
     def _leaf(self, blob_id, create=False):
         """blob_id's leaf directory as an fd, closed on leaving the block."""
+        if not valid_id(blob_id):
+            raise InvalidId(blob_id)
         fd = self._leaf_fd(blob_id, create)
         try:
             yield fd
@@ -134,8 +204,6 @@ class BlobStore:
 
     def _leaf_fd(self, blob_id, create=False):
         """An fd of blob_id's leaf directory (caller closes); Missing if absent."""
-        if not valid_id(blob_id):
-            raise InvalidId(blob_id)
         fd = self.root_fd
         try:
             for name in shard(blob_id):
@@ -153,8 +221,13 @@ class BlobStore:
                 except OSError as e:
                     # A planted symlink: to a reader the blob is not here; a
                     # writer can't put it there, which is the store's fault.
-                    if e.errno in (errno.ELOOP, errno.ENOTDIR) and not create:
-                        raise Missing(blob_id) from None
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                        if not create:
+                            raise Missing(blob_id) from None
+                        log.error("store tampered with: %s is not a directory",
+                                  name)
+                        raise Tampered("store damaged, see the server's log") \
+                            from None
                     raise
                 if fd != self.root_fd:
                     os.close(fd)
@@ -181,13 +254,49 @@ class BlobStore:
             return self._metadata_in(leaf, blob_id)
 
     def get(self, blob_id):
-        """open() and metadata() at once: (file, size, metadata)."""
-        with self._leaf(blob_id) as leaf:
-            f, size = self._open_in(leaf, blob_id)
-            return f, size, self._metadata_in(leaf, blob_id)
+        """The request path's open: (fd, size, metadata).  The caller closes
+        the fd (os.close).
+
+        The leaf directory's fd comes from a cache (LEAF_FDS of them), so a
+        read costs one openat, not three.  A cached directory that was removed
+        meanwhile (a wiped store) is found on a miss and opened afresh."""
+        if not valid_id(blob_id):
+            raise InvalidId(blob_id)
+        for retry in (False, True):
+            entry = self._leaf_fds.get(shard(blob_id),
+                                       lambda: self._leaf_fd(blob_id))
+            try:
+                fd, st = self._open_fd(entry[0], blob_id)
+                break
+            except Missing:
+                if retry or os.fstat(entry[0]).st_nlink:
+                    raise
+                self._leaf_fds.drop(shard(blob_id), entry)
+            finally:
+                self._leaf_fds.put(entry)
+        try:
+            key = (st.st_ino, st.st_ctime_ns)
+            meta = self._meta.get(key)
+            if meta is None:
+                with self._leaf(blob_id) as leaf:
+                    meta = self._metadata_in(leaf, blob_id)
+                if len(self._meta) >= META_CACHE:
+                    self._meta.clear()
+                self._meta[key] = meta
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st.st_size, meta
+
+    @classmethod
+    def _open_in(cls, leaf, blob_id):
+        fd, st = cls._open_fd(leaf, blob_id)
+        return os.fdopen(fd, "rb"), st.st_size
 
     @staticmethod
-    def _open_in(leaf, blob_id):
+    def _open_fd(leaf, blob_id):
+        """Open blob_id in its leaf: (fd, stat).  Missing unless a regular
+        file (a symlink is never followed)."""
         try:
             fd = os.open(blob_id, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                          dir_fd=leaf)
@@ -195,12 +304,11 @@ class BlobStore:
             if e.errno in (errno.ENOENT, errno.ELOOP):
                 raise Missing(blob_id) from None
             raise
-        f = os.fdopen(fd, "rb")
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            f.close()
+            os.close(fd)
             raise Missing(blob_id)
-        return f, st.st_size
+        return fd, st
 
     @staticmethod
     def _metadata_in(leaf, blob_id):
@@ -571,15 +679,16 @@ class BlobHandler(Handler):
     open_routes = ("alive",)
     exceptions = {**Handler.exceptions,
                   NoSpace: (HTTPStatus.INSUFFICIENT_STORAGE, None),
-                  TooLarge: (HTTPStatus.REQUEST_ENTITY_TOO_LARGE, None)}
+                  TooLarge: (HTTPStatus.REQUEST_ENTITY_TOO_LARGE, None),
+                  Tampered: (HTTPStatus.INTERNAL_SERVER_ERROR, None)}
 
     def do_alive(self):
         self.send_text(HTTPStatus.OK, "alive")
 
     def do_get(self):
         blob_id = self.rest
-        f, size, meta = self.server.store.get(blob_id)
-        with f:
+        fd, size, meta = self.server.store.get(blob_id)
+        try:
             headers = blob_headers(blob_id, meta)
             status, offset, count, extra = http_range(self.headers, blob_id, size,
                                                       self.command)
@@ -589,7 +698,9 @@ class BlobHandler(Handler):
             if status == HTTPStatus.NOT_MODIFIED:
                 self.send(status, headers)
             else:
-                self.send(status, headers + extra, FilePart(f, offset, count))
+                self.send(status, headers + extra, FilePart(fd, offset, count))
+        finally:
+            os.close(fd)
 
     def do_post(self):
         length = self.body_length()
@@ -718,8 +829,6 @@ def main(argv=None):
     parser.add_argument("--reserve", type=parse_size, default=None,
                         help="free space always kept (default 256M, or 5%% of a "
                         "smaller disk)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="processes sharing the port (default 1)")
     parser.add_argument("--max-size", type=parse_size, default=None,
                         help="largest blob accepted (default: no limit)")
     parser.add_argument("--verbose", action="store_true")

@@ -778,8 +778,6 @@ def main(argv=None):
                         help="seconds to wait on a blob-server (default %(default)s)")
     parser.add_argument("--spool-dir", help="where large uploads are spooled "
                         "(default: the system temp directory)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="processes sharing the ports (default 1)")
     parser.add_argument("--admin-host", default="127.0.0.1",
                         help="address of the admin port (default %(default)s)")
     parser.add_argument("--admin-port", type=int, default=9993,

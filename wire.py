@@ -23,6 +23,7 @@ time: a blob-server imports it before chrooting into its store.
 """
 
 import argparse
+import bisect
 import collections
 import email.utils
 import hashlib
@@ -63,7 +64,8 @@ MAX_REQUEST_LINE = 8192
 MAX_HEADERS = 64
 MAX_HEADER_BYTES = 16384
 MAX_CHUNK_LINE = 1024
-IDLE_TIMEOUT = 10.0       # seconds a socket may sit silent mid-request
+IDLE_TIMEOUT = 10.0       # seconds a client may leave a write of ours, or a
+                          # small body we drain, unfinished
 HEAD_TIMEOUT = 10.0       # seconds to wait for, and read, a request head
 MIN_RATE = 64 * 1024      # bytes/s a body or response must average, after
 RATE_GRACE = 10.0         # ...this many seconds of slack
@@ -89,6 +91,8 @@ SANDBOX = [("X-Content-Type-Options", "nosniff"),
 ENCODED_TYPES = {"gzip": "application/gzip", "bzip2": "application/x-bzip2",
                  "xz": "application/x-xz", "compress": "application/x-compress",
                  "br": "application/x-brotli"}
+
+STATUS_LINES = {s: "HTTP/1.1 %d %s\r\n" % (s, s.phrase) for s in HTTPStatus}
 
 # Upstream connections (sos-server and replicate to blob-servers).
 CONNECT_TIMEOUT = 2.0
@@ -264,59 +268,100 @@ class HTTPError(Exception):
 
 
 class FilePart:
-    """A reply body read from an open file: count bytes from offset."""
+    """A reply body read from an open file descriptor: count bytes from
+    offset.  The caller closes the fd."""
 
-    def __init__(self, f, offset, count):
-        self.file, self.offset, self.count = f, offset, count
+    def __init__(self, fd, offset, count):
+        self.fd, self.offset, self.count = fd, offset, count
+
+class Tally:
+    """One connection's request figures, kept without a lock: only its own
+    thread writes them.  Histogram counts are per bucket, not cumulative."""
+
+    def __init__(self):
+        self.requests = {}        # (route, status) -> count
+        self.latency = {}         # route -> [count per bucket..., +Inf, sum]
+        self.bytes = [0, 0]       # in, out
+
+    def observe(self, route, status, seconds, bytes_in, bytes_out):
+        key = (route, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        hist = self.latency.get(route)
+        if hist is None:
+            hist = self.latency[route] = [0] * (len(Metrics.BUCKETS) + 2)
+        hist[bisect.bisect_left(Metrics.BUCKETS, seconds)] += 1
+        hist[-1] += seconds
+        self.bytes[0] += bytes_in
+        self.bytes[1] += bytes_out
+
+    def add(self, other):
+        """Add other's figures into these."""
+        for key, n in list(other.requests.items()):
+            self.requests[key] = self.requests.get(key, 0) + n
+        for route, hist in list(other.latency.items()):
+            mine = self.latency.setdefault(route, [0] * len(hist))
+            for i, n in enumerate(list(hist)):
+                mine[i] += n
+        self.bytes = [a + b for a, b in zip(self.bytes, other.bytes)]
+
 
 class Metrics:
     """Request counters and latency histograms in Prometheus text format.
 
     Hand-written (stdlib only): counters by route and status, bytes in and
     out, and a latency histogram per route.  Programs add their own gauges
-    and counters at render time."""
+    and counters at render time.  Each connection counts into a Tally of its
+    own, summed when /metrics is scraped, so no request waits on a lock
+    that every other request takes too."""
 
     BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 
     def __init__(self, prefix):
         self.prefix = prefix
         self.lock = threading.Lock()
-        self.requests = {}        # (route, status) -> count
-        self.latency = {}         # route -> [count per bucket..., +Inf, sum]
-        self.bytes = {"in": 0, "out": 0}
+        self.closed = Tally()     # the figures of connections that ended
+        self.open = set()         # the Tallies of live connections
 
-    def observe(self, route, status, seconds, bytes_in, bytes_out):
+    def tally(self):
+        """A new connection's Tally; hand it back with retire()."""
+        t = Tally()
         with self.lock:
-            key = (route, status)
-            self.requests[key] = self.requests.get(key, 0) + 1
-            hist = self.latency.setdefault(route, [0] * (len(self.BUCKETS) + 2))
-            for i, bound in enumerate(self.BUCKETS):
-                if seconds <= bound:
-                    hist[i] += 1
-            hist[-2] += 1
-            hist[-1] += seconds
-            self.bytes["in"] += bytes_in
-            self.bytes["out"] += bytes_out
+            self.open.add(t)
+        return t
+
+    def retire(self, t):
+        with self.lock:
+            self.open.discard(t)
+            self.closed.add(t)
+
+    def total(self):
+        with self.lock:
+            total = Tally()
+            for t in [self.closed, *self.open]:
+                total.add(t)
+        return total
 
     def render(self, extra=()):
         """The exposition text; extra is [(name, type, help, [(labels, value)])]."""
         p = self.prefix
-        with self.lock:
-            families = [
-                ("%s_requests_total" % p, "counter", "HTTP requests by route and status",
-                 [({"route": r, "status": str(st)}, n)
-                  for (r, st), n in sorted(self.requests.items())]),
-                ("%s_http_bytes_total" % p, "counter", "HTTP body bytes by direction",
-                 [({"direction": d}, n) for d, n in sorted(self.bytes.items())])]
-            hist_lines = []
-            for route, hist in sorted(self.latency.items()):
-                for bound, n in zip(self.BUCKETS + ("+Inf",), hist):
-                    hist_lines.append('%s_request_seconds_bucket{route="%s",le="%s"} %d'
-                                      % (p, route, bound, n))
-                hist_lines.append('%s_request_seconds_sum{route="%s"} %.6f'
-                                  % (p, route, hist[-1]))
-                hist_lines.append('%s_request_seconds_count{route="%s"} %d'
-                                  % (p, route, hist[-2]))
+        t = self.total()
+        families = [
+            ("%s_requests_total" % p, "counter", "HTTP requests by route and status",
+             [({"route": r, "status": str(st)}, n)
+              for (r, st), n in sorted(t.requests.items())]),
+            ("%s_http_bytes_total" % p, "counter", "HTTP body bytes by direction",
+             [({"direction": "in"}, t.bytes[0]), ({"direction": "out"}, t.bytes[1])])]
+        hist_lines = []
+        for route, hist in sorted(t.latency.items()):
+            cumulative = 0
+            for bound, n in zip(self.BUCKETS + ("+Inf",), hist):
+                cumulative += n
+                hist_lines.append('%s_request_seconds_bucket{route="%s",le="%s"} %d'
+                                  % (p, route, bound, cumulative))
+            hist_lines.append('%s_request_seconds_sum{route="%s"} %.6f'
+                              % (p, route, hist[-1]))
+            hist_lines.append('%s_request_seconds_count{route="%s"} %d'
+                              % (p, route, cumulative))
         out = []
         for name, kind, text, samples in families + list(extra):
             out.append("# HELP %s %s\n# TYPE %s %s" % (name, text, name, kind))
@@ -357,14 +402,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
     tls_failed = False        # the TLS handshake failed: nothing to handle
     linger = False            # unread request bytes: half-close gently
 
+    # The socket stays blocking: the server's reaper enforces every deadline
+    # (it shuts a late connection down, which wakes a blocked recv or send).
+    # A socket timeout would cost a poll() before most reads, on every request.
+    timeout = None
+
     def setup(self):
-        self.timeout = self.server.idle_timeout
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.watch(self)
+        self.tally = self.server.metrics.tally()
         if self.server.tls:
             # The handshake runs here, in the connection's own thread and under
             # its deadline, so a silent client can't stall the accept loop.
-            self.request.settimeout(self.timeout)
             self.server.set_deadline(self, HEAD_TIMEOUT)
             try:
                 self.request = self.server.tls.wrap_socket(self.request,
@@ -381,6 +430,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             super().handle()
 
     def finish(self):
+        self.server.metrics.retire(self.tally)
         if self.tls_failed:
             self.server.unwatch(self)
             return
@@ -438,9 +488,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             self.server.set_busy(self, False)
             if self.status:
-                self.server.metrics.observe(self.route, int(self.status),
-                                            time.monotonic() - started,
-                                            self.received, self.sent)
+                self.tally.observe(self.route, self.status,
+                                   time.monotonic() - started, self.received,
+                                   self.sent)
         if self.body_pending:
             # An unread body: the next request can't be found after it.
             self.close_connection = True
@@ -589,6 +639,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         Sends 100 Continue first if the client asked, so a refused request
         never has its body sent.  The client must keep up MIN_RATE on average
         after RATE_GRACE seconds, or the connection is cut."""
+        self.server.set_deadline(self, RATE_GRACE)
         if self.headers.get("expect", "").lower() == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.body_left = 1 if length is None else length
@@ -654,6 +705,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.body_pending and length is not None and length <= limit and \
                 self.body_left in (0, length):
             self.body_left = length
+            self.server.set_deadline(self, IDLE_TIMEOUT)
             for _ in self._sized(length):
                 pass
             self.body_pending = False
@@ -663,10 +715,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def write_head(self, status, headers=(), length=None, first=b""):
         """Send the status line and headers, and `first` body bytes with them
         (one write for a small reply); the caller sends the rest."""
-        status = HTTPStatus(status)
-        out = ["HTTP/1.1 %d %s\r\n" % (status, status.phrase)]
-        out.append("Server: %s\r\nDate: %s\r\n" % (self.server.version,
-                                                   self.server.date()))
+        out = [STATUS_LINES[status], "Server: %s\r\nDate: %s\r\n" % (
+            self.server.version, self.server.date())]
         for name, value in headers:
             out.append("%s: %s\r\n" % (name, value))
         if length is not None and status != HTTPStatus.NOT_MODIFIED:
@@ -680,10 +730,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         out.append("\r\n")
         # Logged before it is sent: once a client has the reply, the log
         # has the line.
-        self.log_request(status.value, length if length is not None else "-")
+        self.log_request(int(status), length if length is not None else "-")
         self.wfile.write("".join(out).encode("latin-1") + first)
         self.head_sent = True
-        self.status = status
+        self.status = int(status)
         self.sent = length or 0
         if length:
             self.server.set_deadline(self, RATE_GRACE + length / MIN_RATE)
@@ -718,6 +768,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.write_head(status, headers, length)
         if not head:
             for data in body:
+                if length is None:      # no overall deadline: one per write
+                    self.server.set_deadline(self, IDLE_TIMEOUT)
                 self.wfile.write(data)
 
     def send_file(self, status, headers, part, head):
@@ -725,7 +777,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             # A small file goes out with its head in one write: cheaper than
             # sendfile's setup, and a file that shrank under us is found
             # before anything is sent.
-            data = os.pread(part.file.fileno(), part.count, part.offset)
+            data = os.pread(part.fd, part.count, part.offset)
             if len(data) != part.count:
                 raise HTTPError(HTTPStatus.INTERNAL_SERVER_ERROR,
                                 "file changed while being read")
@@ -733,7 +785,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         self.write_head(status, headers, part.count)
         if part.count and not head:
-            sent = self.connection.sendfile(part.file, part.offset, part.count)
+            with open(part.fd, "rb", closefd=False) as f:
+                sent = self.connection.sendfile(f, part.offset, part.count)
             if sent != part.count:
                 log.error("%s: sent %d of %d bytes: file changed?", self.path,
                           sent, part.count)
@@ -747,8 +800,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send(status, [("Content-Type", content_type)], text.encode())
 
     def log_request(self, code="-", size="-"):
-        access_log.info('%s - - [%s] "%s" %s %s', self.client_address[0],
-                        self.server.date(clf=True), self.requestline, code, size)
+        line = '%s - - [%s] "%s" %s %s' % (self.client_address[0],
+                                           self.server.date(clf=True),
+                                           self.requestline, code, size)
+        writer = access_log.handlers[0] if access_log.handlers else None
+        if type(writer) is AccessLogWriter:
+            writer.append(line)      # no LogRecord, no handler lock
+        else:
+            access_log.info("%s", line)
 
     def log_message(self, format, *args):
         log.info("%s " + format, self.client_address[0], *args)
@@ -760,7 +819,6 @@ class Server(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     request_queue_size = 1024
-    idle_timeout = IDLE_TIMEOUT
 
     def __init__(self, address, handler, name, metrics, token=None, tls=None,
                  reuse_port=False):
@@ -951,15 +1009,20 @@ class AccessLogWriter(logging.Handler):
         self.lines = collections.deque()
         self.stream = None
         self.reopen = True
-        self.writer_pid = None
+        self.writing = False           # a writer thread runs in this process
         self.write_lock = threading.Lock()
+        # Threads don't survive a fork: a forked worker starts its own.
+        os.register_at_fork(after_in_child=lambda: setattr(self, "writing", False))
         if self.path:
             self.flush()               # a bad path fails now, not later
 
     def emit(self, record):
-        self.lines.append(record.getMessage())
-        if self.writer_pid != os.getpid():     # first line, or a forked worker
-            self.writer_pid = os.getpid()
+        self.append(record.getMessage())
+
+    def append(self, line):
+        self.lines.append(line)
+        if not self.writing:
+            self.writing = True
             threading.Thread(target=self._write_forever, daemon=True).start()
 
     def _write_forever(self):
@@ -1033,7 +1096,10 @@ def tls_context(cert, key):
 
 
 def add_server_args(parser):
-    """Flags every server shares: logging, tokens and TLS."""
+    """Flags every server shares: workers, logging, tokens and TLS."""
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                        help="processes sharing the port(s) (default: one per "
+                        "CPU, %(default)s here)")
     parser.add_argument("--access-log", metavar="FILE",
                         help="write the access log here (reopened on SIGHUP) "
                         "instead of stderr")
