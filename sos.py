@@ -610,6 +610,8 @@ class DownloadHandler(Handler):
 class AdminHandler(Handler):
     """Health, metrics and the status page, on a port of their own."""
 
+    sandbox = False           # the status page is ours, with its own style
+
     routes = {("GET", "health"): "do_health", ("GET", "metrics"): "do_metrics",
               ("GET", "status"): "do_status", ("GET", ""): "do_status"}
 

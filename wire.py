@@ -190,15 +190,15 @@ def blob_metadata(pairs):
 def blob_headers(blob_id, meta, ext="", private=False):
     """The headers of every reply that shows a blob (200, 206, 304): its ETag,
     caching (private: only the client may keep it, for a reply that needed
-    a token), type (X-Mime-Type, else guessed from the name's .ext), the
-    sandbox, and its stored X-* metadata."""
+    a token), type (X-Mime-Type, else guessed from the name's .ext) and its
+    stored X-* metadata.  send() adds the sandbox to every reply."""
     mime = meta.get("X-Mime-Type")
     if not mime and ext:
         mime, encoding = mimetypes.guess_type("x." + ext)
         mime = ENCODED_TYPES.get(encoding, mime)
     return [("ETag", '"%s"' % blob_id), ("Accept-Ranges", "bytes"),
             ("Cache-Control", "private, " + IMMUTABLE if private else IMMUTABLE),
-            ("Content-Type", mime or "application/octet-stream")] + SANDBOX + \
+            ("Content-Type", mime or "application/octet-stream")] + \
         sorted(meta.items())
 
 
@@ -400,6 +400,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                   BadMetadata: (HTTPStatus.BAD_REQUEST, None),
                   TooMuchMetadata: (HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, None)}
     tls_failed = False        # the TLS handshake failed: nothing to handle
+    sandbox = True            # replies carry SANDBOX (not our own pages)
     linger = False            # unread request bytes: half-close gently
 
     # The socket stays blocking: the server's reaper enforces every deadline
@@ -753,6 +754,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         headers = list(headers)
         if not any(name == "Cache-Control" for name, _ in headers):
             headers.append(("Cache-Control", NO_STORE))
+        if self.sandbox:
+            headers += SANDBOX
         if isinstance(body, bytes):
             self.write_head(status, headers, len(body), b"" if head else body)
             return
