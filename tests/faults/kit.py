@@ -497,7 +497,7 @@ def copied(stdout):
         if line.split()[:3] == ["group", "examined", "copied"]:
             for row in lines[i + 1:]:
                 cells = row.split()
-                if len(cells) == 6 and cells[2].isdigit():
+                if len(cells) == 7 and cells[2].isdigit():
                     total += int(cells[2])
     return total
 
