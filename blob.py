@@ -14,11 +14,16 @@ api-server and replicate work against this server unchanged:
                               hash to a content id, 431 too much metadata,
                               507 disk full
     GET  /blob/<id>           the bytes (sendfile), with ETag, Range, 304,
-                              and the X-* headers sent with the upload;
-                              404 if missing.  HEAD: the same headers only.
+                              the X-* headers sent with the upload and
+                              X-Sos-Timestamp; 404 if missing or deleted.
+                              HEAD: the same headers only.
+    DELETE /blob/<id>         record a tombstone, remove the blob: 200
+                              {"id", "status": "deleted"|"superseded",
+                              "removed", "timestamp"}
     GET  /blobs               JSON array of every id, streamed; sorted, with
-                              ?after=ID&limit=N paging and ?prefix=P
-    GET  /stats               JSON: blobs, bytes, disk free and total
+                              ?after=ID&limit=N paging and ?prefix=P;
+                              ?state=1: [id, timestamp, "blob"|"tombstone"]
+    GET  /stats               JSON: blobs, bytes, tombstones, disk free, total
     GET  /digests             JSON {bucket: digest} of the ids per two-letter
                               bucket, so replicate lists only what differs
     POST /verify/<id>         re-hash a stored blob; a copy whose bytes no
@@ -34,6 +39,12 @@ is hashed as it streams in and a mismatch is refused, so no corrupt copy is
 ever stored under a content id.  A flat store written by the Go original
 (``<store>/<id>``) is moved into the sharded layout at start-up.
 
+A delete leaves a tombstone, an empty ``<id>.deleted``, so replicate can tell
+"deleted" from "never had it".  Every write's time (X-Sos-Timestamp, ns since
+the epoch; else this server's clock) is its file's mtime, and the newest write
+of an id wins (last writer wins, as Swift's X-Timestamp).  A sweep removes
+tombstones older than --reclaim-age.
+
 Started as root, the server binds, chroots into its store and drops to
 ``--user`` (default nobody).  Run it as:
 
@@ -46,12 +57,14 @@ the API's rules (ids, metadata, the shard rule) are in wire.py.
 import contextlib
 import ctypes
 import errno
+import fcntl
 import grp
 import hashlib
 import json
 import logging
 import os
 import pwd
+import re
 import stat
 import sys
 import threading
@@ -72,6 +85,8 @@ SPACE_CHECK_EVERY = 16 * 1024 * 1024
 RACY_SECONDS = 2.0        # a leaf changed this recently may change again unseen
 LEAF_FDS = 4096           # leaf directories kept open for reads
 META_CACHE = 65536        # blobs whose metadata (or its absence) is remembered
+TOMBSTONE = ".deleted"    # <id>.deleted: the id was deleted at the file's mtime
+DEFAULT_RECLAIM_AGE = "7d"
 
 log = logging.getLogger("blob")
 
@@ -147,6 +162,17 @@ class LeafCache:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def no_space():
+    """A full disk (or quota) in the block raises NoSpace."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace("disk full") from None
+        raise
+
+
 class BlobStore:
     """Blobs as plain files under a root directory; knows nothing of HTTP.
 
@@ -169,7 +195,7 @@ class BlobStore:
                 pass
         self.tmp_fd = self._open_dir(self.root_fd, TMP_DIR)
         self.quarantine_fd = self._open_dir(self.root_fd, QUARANTINE_DIR)
-        self._leaves = {}          # (d1, d2) -> (mtime_ns, count, bytes, xor)
+        self._leaves = {}          # (d1, d2) -> (mtime_ns,) + _leaf_summary()
         self._leaves_lock = threading.Lock()
         self._warming = threading.Event()     # set: no warm() in progress
         self._warming.set()
@@ -192,12 +218,19 @@ class BlobStore:
                        | os.O_CLOEXEC, dir_fd=dir_fd)
 
     @contextlib.contextmanager
-    def _leaf(self, blob_id, create=False):
-        """blob_id's leaf directory as an fd, closed on leaving the block."""
+    def _leaf(self, blob_id, create=False, lock=False):
+        """blob_id's leaf directory as an fd, closed on leaving the block.
+
+        With lock, the block holds the leaf's flock: writes that compare
+        timestamps before they change the leaf (upload, delete, reclaim) take
+        turns, across threads and worker processes, so no decision is made on
+        a state that another one is changing.  Reads never wait."""
         if not valid_id(blob_id):
             raise InvalidId(blob_id)
         fd = self._leaf_fd(blob_id, create)
         try:
+            if lock:
+                fcntl.flock(fd, fcntl.LOCK_EX)     # released by the close
             yield fd
         finally:
             os.close(fd)
@@ -246,7 +279,8 @@ class BlobStore:
         Raises InvalidId or Missing.  A symlink is never followed.
         """
         with self._leaf(blob_id) as leaf:
-            return self._open_in(leaf, blob_id)
+            f, st = self._open_in(leaf, blob_id)
+            return f, st.st_size
 
     def metadata(self, blob_id):
         """The X-* headers stored with blob_id ({} if none)."""
@@ -254,12 +288,14 @@ class BlobStore:
             return self._metadata_in(leaf, blob_id)
 
     def get(self, blob_id):
-        """The request path's open: (fd, size, metadata).  The caller closes
-        the fd (os.close).
+        """The request path's open: (fd, size, metadata, timestamp).  The
+        caller closes the fd (os.close).
 
         The leaf directory's fd comes from a cache (LEAF_FDS of them), so a
         read costs one openat, not three.  A cached directory that was removed
-        meanwhile (a wiped store) is found on a miss and opened afresh."""
+        meanwhile (a wiped store) is found on a miss and opened afresh.  What
+        a blob's file implies (its metadata, no newer tombstone beside it) is
+        remembered by (inode, ctime), which a new file never shares."""
         if not valid_id(blob_id):
             raise InvalidId(blob_id)
         for retry in (False, True):
@@ -280,18 +316,28 @@ class BlobStore:
             if meta is None:
                 with self._leaf(blob_id) as leaf:
                     meta = self._metadata_in(leaf, blob_id)
+                    if self._tombstoned(leaf, blob_id, st):
+                        raise Missing(blob_id)
                 if len(self._meta) >= META_CACHE:
                     self._meta.clear()
                 self._meta[key] = meta
         except BaseException:
             os.close(fd)
             raise
-        return fd, st.st_size, meta
+        return fd, st.st_size, meta, st.st_mtime_ns
 
-    @classmethod
-    def _open_in(cls, leaf, blob_id):
-        fd, st = cls._open_fd(leaf, blob_id)
-        return os.fdopen(fd, "rb"), st.st_size
+    def _open_in(self, leaf, blob_id):
+        fd, st = self._open_fd(leaf, blob_id)
+        if self._tombstoned(leaf, blob_id, st):
+            os.close(fd)
+            raise Missing(blob_id)
+        return os.fdopen(fd, "rb"), st
+
+    def _tombstoned(self, leaf, blob_id, st):
+        """A tombstone beside the blob (a crash cut a delete short) wins if
+        it is as new: the newest write is the id's state, as in listings."""
+        tomb = self._stat_in(leaf, blob_id + TOMBSTONE)
+        return bool(tomb and tomb.st_mtime_ns >= st.st_mtime_ns)
 
     @staticmethod
     def _open_fd(leaf, blob_id):
@@ -353,8 +399,9 @@ class BlobStore:
             except FileExistsError:
                 continue
 
-    def _write_temp(self, chunks, hasher=None):
-        """Stream chunks into a new fsynced temp file: returns (name, size)."""
+    def _write_temp(self, chunks, hasher=None, mtime=None):
+        """Stream chunks into a new fsynced temp file, its mtime set to
+        `mtime` (ns) if given: returns (name, size)."""
         name, fd = self._temp()
         size = 0
         next_check = SPACE_CHECK_EVERY
@@ -371,39 +418,46 @@ class BlobStore:
                 if size >= next_check:
                     self.check_space()
                     next_check += SPACE_CHECK_EVERY
+            if mtime is not None:
+                os.utime(fd, ns=(mtime, mtime))
             os.fsync(fd)
-        except BaseException as e:
+        except BaseException:
             os.close(fd)
             os.unlink(name, dir_fd=self.tmp_fd)
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpace("disk full") from None
             raise
         os.close(fd)
         return name, size
 
-    def put(self, blob_id, chunks, meta=None, length=None):
-        """Store the bytes of `chunks` under blob_id, durably; returns the size.
+    def put(self, blob_id, chunks, meta=None, length=None, timestamp=None):
+        """Store the bytes of `chunks` under blob_id, durably, as written at
+        `timestamp` (ns since the epoch; default now).  Returns (size, stored).
 
         Raises InvalidId, Corrupt (bytes don't hash to a content id), NoSpace,
         TooLarge.  Nothing is visible until everything is on disk.  A content
         id replaces an existing copy (same bytes, verified, which also heals a
         rotten one); any other id keeps the first upload's bytes.  Metadata is
-        always the first upload's.
+        always the first upload's.  The blob keeps the newer of its timestamp
+        and the upload's.  A tombstone as new as the upload supersedes it:
+        stored is False and nothing changes (last writer wins).
         """
         if not valid_id(blob_id):
             raise InvalidId(blob_id)
         if self.max_size is not None and (length or 0) > self.max_size:
             raise TooLarge("larger than %d bytes" % self.max_size)
         self.check_space(length or 0)
+        ts = time.time_ns() if timestamp is None else timestamp
         ctor = content_hash(blob_id)
         hasher = ctor() if ctor else None
-        tmp, size = self._write_temp(chunks, hasher)
+        with no_space():
+            tmp, size = self._write_temp(chunks, hasher, ts)
         try:
             if hasher and hasher.hexdigest() != blob_id:
                 raise Corrupt("body does not hash to %s" % blob_id)
-            with self._leaf(blob_id, create=True) as leaf:
-                exists = self._exists_in(leaf, blob_id)
-                if meta and not exists:
+            with no_space(), self._leaf(blob_id, create=True, lock=True) as leaf:
+                old, tomb = self._settle(leaf, blob_id)
+                if tomb and tomb.st_mtime_ns >= ts:
+                    return size, False
+                if meta and not old:
                     # The sidecar lands before the blob, so a visible blob has
                     # its metadata.  A crash in between leaves an orphan sidecar
                     # that the next upload of this id adopts: still one writer's.
@@ -411,25 +465,93 @@ class BlobStore:
                     self._link(mtmp, leaf, blob_id + ".json")
                 ino = os.stat(tmp, dir_fd=self.tmp_fd).st_ino
                 if hasher:
+                    if old and old.st_mtime_ns > ts:
+                        self._touch(self.tmp_fd, tmp, old.st_mtime_ns)
                     os.rename(tmp, blob_id, src_dir_fd=self.tmp_fd, dst_dir_fd=leaf)
-                elif not exists:
+                elif not old:
                     self._link(tmp, leaf, blob_id)
+                elif old.st_mtime_ns < ts:
+                    self._touch(leaf, blob_id, ts)
                 try:
                     os.fsync(leaf)
                 except OSError:
-                    if not exists:
+                    if not old:
                         self._take_back(leaf, blob_id, ino)
                     raise
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpace("disk full") from None
-            raise
+                if tomb:
+                    # Only once the blob is durable: a crash before this
+                    # leaves the older tombstone beside it, and the newer wins.
+                    os.unlink(blob_id + TOMBSTONE, dir_fd=leaf)
+                    os.fsync(leaf)
         finally:
             try:
                 os.unlink(tmp, dir_fd=self.tmp_fd)
             except FileNotFoundError:
                 pass
-        return size
+        return size, True
+
+    def delete(self, blob_id, timestamp=None):
+        """Delete blob_id as of `timestamp` (ns since the epoch; default now):
+        record a tombstone, then remove the blob and its sidecar, durably.
+
+        Returns (deleted, removed, timestamp); removed is 1 if a blob went.
+        If the id's blob or tombstone is newer, nothing changes: deleted is
+        False, timestamp that state's.  A tie deletes a blob (the tombstone
+        wins ties).  The tombstone is on disk before the blob goes, so a
+        crash leaves the blob whole or deleted.  Raises InvalidId, NoSpace."""
+        ts = time.time_ns() if timestamp is None else timestamp
+        with no_space(), self._leaf(blob_id, create=True, lock=True) as leaf:
+            old, tomb = self._settle(leaf, blob_id)
+            now = old or tomb
+            if now and now.st_mtime_ns > ts:
+                return False, 0, now.st_mtime_ns
+            if tomb and tomb.st_mtime_ns == ts:
+                return True, 0, ts
+            tmp, _ = self._write_temp([], mtime=ts)
+            os.rename(tmp, blob_id + TOMBSTONE, src_dir_fd=self.tmp_fd,
+                      dst_dir_fd=leaf)
+            removed = self._remove_blob(leaf, blob_id)
+            os.fsync(leaf)
+            return True, removed, ts
+
+    def _settle(self, leaf, blob_id):
+        """blob_id's (blob stat, tombstone stat), at most one of them set:
+        a crash between the steps of a delete or of an upload over a
+        tombstone leaves both, and then the older goes (the blob on a tie).
+        Call with the leaf locked."""
+        blob, tomb = self._stat_in(leaf, blob_id), \
+            self._stat_in(leaf, blob_id + TOMBSTONE)
+        if blob and tomb:
+            if tomb.st_mtime_ns >= blob.st_mtime_ns:
+                self._remove_blob(leaf, blob_id)
+                blob = None
+            else:
+                os.unlink(blob_id + TOMBSTONE, dir_fd=leaf)
+                tomb = None
+            os.fsync(leaf)
+        return blob, tomb
+
+    @staticmethod
+    def _remove_blob(leaf, blob_id):
+        """Unlink a blob, then its sidecar; returns 1 if the blob was there."""
+        removed = 0
+        for name in (blob_id, blob_id + ".json"):
+            try:
+                os.unlink(name, dir_fd=leaf)
+                removed += name == blob_id
+            except FileNotFoundError:
+                pass
+        return removed
+
+    @staticmethod
+    def _touch(dir_fd, name, ts):
+        """Set a file's mtime (its write's timestamp) to ts, durably."""
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            os.utime(fd, ns=(ts, ts))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _link(self, tmp, leaf, name):
         """Hard-link a temp file into place unless the name exists: first wins."""
@@ -452,12 +574,13 @@ class BlobStore:
             log.error("cannot take back %s after a failed fsync: %s", name, e)
 
     @staticmethod
-    def _exists_in(leaf, name):
+    def _stat_in(leaf, name):
+        """The stat of a regular file in leaf, else None."""
         try:
-            os.stat(name, dir_fd=leaf, follow_symlinks=False)
-            return True
+            st = os.stat(name, dir_fd=leaf, follow_symlinks=False)
         except FileNotFoundError:
-            return False
+            return None
+        return st if stat.S_ISREG(st.st_mode) else None
 
     # Verification.
 
@@ -521,8 +644,13 @@ class BlobStore:
             finally:
                 os.close(fd1)
 
-    def _leaf_entries(self, d1, d2, with_size=False):
-        """Sorted ids in a leaf, with sizes if asked: [(id, size)]."""
+    def _leaf_entries(self, d1, d2, detail=False):
+        """A leaf's ids in sorted order: [(id, kind, size, timestamp, both)].
+
+        kind is "blob" or "tombstone", size a blob's bytes, both True for an
+        id with a blob and a tombstone (a crash cut a write short), whose
+        newer counts (the tombstone on a tie).  Sizes and timestamps cost a
+        stat per file: read if asked (detail), else only for such ids."""
         try:
             fd1 = self._open_dir(self.root_fd, d1)
             try:
@@ -531,20 +659,36 @@ class BlobStore:
                 os.close(fd1)
         except OSError:
             return []
+        files, out = {}, []
         try:
-            out = []
             with os.scandir(fd) as it:
                 for e in it:
-                    if valid_id(e.name) and e.is_file(follow_symlinks=False):
-                        out.append((e.name, e.stat(follow_symlinks=False).st_size
-                                    if with_size else 0))
-            out.sort()
-            return out
+                    blob_id, kind = e.name, "blob"
+                    if blob_id.endswith(TOMBSTONE):
+                        blob_id, kind = blob_id[:-len(TOMBSTONE)], "tombstone"
+                    if valid_id(blob_id) and e.is_file(follow_symlinks=False):
+                        files.setdefault(blob_id, []).append((kind, e))
+            for blob_id, found in sorted(files.items()):
+                both = len(found) > 1
+                states = []
+                for kind, e in found:
+                    try:
+                        st = e.stat(follow_symlinks=False) if detail or both else None
+                    except FileNotFoundError:
+                        continue                  # removed since the scan
+                    states.append((st.st_mtime_ns if st else 0, kind == "tombstone",
+                                   kind, st.st_size if st and kind == "blob" else 0))
+                if states:
+                    ts, _, kind, size = max(states)
+                    out.append((blob_id, kind, size, ts, both))
         finally:
             os.close(fd)
+        return out
 
-    def ids(self, after=None, prefix="", limit=None):
-        """Yield ids in ascending order, > after, starting with prefix."""
+    def entries(self, after=None, prefix="", limit=None, tombstones=False):
+        """Yield (id, timestamp, kind) in ascending id order, > after,
+        starting with prefix: the blobs, and with tombstones the tombstones
+        too (kind "blob" or "tombstone"); timestamps only with tombstones."""
         if limit is not None and limit <= 0:
             return
         start = shard(after) if after else None
@@ -552,14 +696,19 @@ class BlobStore:
                                   compatible(d1, prefix)):
             if start and (d1, d2) < start or not compatible(d1 + d2, prefix):
                 continue
-            for blob_id, _ in self._leaf_entries(d1, d2):
-                if (after and blob_id <= after) or not blob_id.startswith(prefix):
+            for blob_id, kind, _, ts, _ in self._leaf_entries(d1, d2, tombstones):
+                if (after and blob_id <= after) or not blob_id.startswith(prefix) \
+                        or kind == "tombstone" and not tombstones:
                     continue
-                yield blob_id
+                yield blob_id, ts, kind
                 if limit is not None:
                     limit -= 1
                     if limit <= 0:
                         return
+
+    def ids(self, after=None, prefix="", limit=None):
+        """Yield the ids of blobs in ascending order, > after, with prefix."""
+        return (blob_id for blob_id, _, _ in self.entries(after, prefix, limit))
 
     # Summaries: counts, bytes and id digests per leaf, cached against the
     # leaf's mtime.  Deriving them from the directories rather than counting
@@ -567,56 +716,109 @@ class BlobStore:
     # and when files are copied in by hand.
 
     def _leaf_summary(self, d1, d2):
+        """(ids, bytes, xor, tombstones, oldest): ids counts blobs and
+        tombstones, xor folds SHA-1s of "<id>" and "<id>.deleted" (so a member
+        with a tombstone differs from one with the blob, or with nothing),
+        oldest is the earliest tombstone's timestamp (0 if a crash left an id
+        with both files), None without either."""
         try:
             st = os.stat("%s/%s" % (d1, d2), dir_fd=self.root_fd,
                          follow_symlinks=False)
         except OSError:
-            return (0, 0, 0)
+            return (0, 0, 0, 0, None)
         with self._leaves_lock:
             cached = self._leaves.get((d1, d2))
         if cached and cached[0] == st.st_mtime_ns:
             return cached[1:]
-        count = size = xor = 0
-        for blob_id, n in self._leaf_entries(d1, d2, with_size=True):
+        count = size = xor = tombs = 0
+        oldest = None
+        for blob_id, kind, n, ts, both in self._leaf_entries(d1, d2, detail=True):
             count += 1
             size += n
-            xor ^= int.from_bytes(hashlib.sha1(blob_id.encode()).digest(), "big")
+            name = blob_id + TOMBSTONE if kind == "tombstone" else blob_id
+            xor ^= int.from_bytes(hashlib.sha1(name.encode()).digest(), "big")
+            if kind == "tombstone" or both:
+                tombs += kind == "tombstone"
+                oldest = min(0 if both else ts, ts if oldest is None else oldest)
+        summary = (count, size, xor, tombs, oldest)
         # A leaf written within the clock's granularity may change again
         # without its mtime moving: don't trust the cache for it yet.
         if time.time() - st.st_mtime_ns / 1e9 > RACY_SECONDS:
             with self._leaves_lock:
-                self._leaves[(d1, d2)] = (st.st_mtime_ns, count, size, xor)
-        return count, size, xor
+                self._leaves[(d1, d2)] = (st.st_mtime_ns,) + summary
+        return summary
 
     def _buckets(self):
-        """{d1: (count, bytes, xor)}: the leaf summaries per first-level
-        directory.  Waits for a start-up warm() rather than redo its work."""
+        """{d1: (ids, bytes, xor, tombstones)}: the leaf summaries per
+        first-level directory.  Waits for a start-up warm() rather than redo
+        its work."""
         self._warming.wait()
         acc = {}
         for d1, d2 in self.leaves():
-            count, size, xor = self._leaf_summary(d1, d2)
-            c, n, x = acc.get(d1, (0, 0, 0))
-            acc[d1] = (c + count, n + size, x ^ xor)
+            count, size, xor, tombs, _ = self._leaf_summary(d1, d2)
+            c, n, x, t = acc.get(d1, (0, 0, 0, 0))
+            acc[d1] = (c + count, n + size, x ^ xor, t + tombs)
         return acc
 
     def digests(self):
         """{bucket: "count-xorhex"} per first-level directory (two chars).
 
-        Equal digests mean equal id sets, with overwhelming probability."""
+        Equal digests mean equal sets of ids and tombstones, with
+        overwhelming probability."""
         return {d1: "%d-%040x" % (count, xor)
-                for d1, (count, _, xor) in self._buckets().items() if count}
+                for d1, (count, _, xor, _) in self._buckets().items() if count}
 
     def stats(self):
-        """Blob count, bytes stored, and disk free/total in bytes."""
+        """Blob and tombstone counts, bytes stored, disk free/total in bytes."""
         buckets = self._buckets().values()
-        count = sum(b[0] for b in buckets)
-        size = sum(b[1] for b in buckets)
+        tombs = sum(b[3] for b in buckets)
         st = os.statvfs(self.root_fd)
-        return {"blobs": count, "bytes": size,
+        return {"blobs": sum(b[0] for b in buckets) - tombs,
+                "bytes": sum(b[1] for b in buckets), "tombstones": tombs,
                 "disk_free": st.f_bavail * st.f_frsize,
                 "disk_total": st.f_blocks * st.f_frsize,
                 "reserve": self.reserve,
                 "full": st.f_bavail * st.f_frsize < self.reserve}
+
+    # Reclaiming tombstones.
+
+    def reclaim(self, age):
+        """Remove tombstones older than `age` seconds; returns how many.
+
+        Visits only leaves whose summary holds an old tombstone (or an id a
+        crash left with both files, settled on the way), so a sweep costs
+        a stat per leaf."""
+        cutoff = time.time_ns() - int(age * 1e9)
+        removed = 0
+        for d1, d2 in self.leaves():
+            oldest = self._leaf_summary(d1, d2)[4]
+            if oldest is None or oldest >= cutoff:
+                continue
+            for blob_id, kind, _, ts, both in self._leaf_entries(d1, d2, True):
+                if not both and (kind == "blob" or ts >= cutoff):
+                    continue
+                try:
+                    with self._leaf(blob_id, lock=True) as leaf:
+                        _, tomb = self._settle(leaf, blob_id)
+                        if tomb and tomb.st_mtime_ns < cutoff:
+                            os.unlink(blob_id + TOMBSTONE, dir_fd=leaf)
+                            os.fsync(leaf)
+                            removed += 1
+                except Missing:
+                    continue
+        return removed
+
+    def reclaim_forever(self, age):
+        """reclaim() every age/10 seconds (at most an hour, at least a
+        second apart), for a thread of its own."""
+        while True:
+            time.sleep(min(3600.0, max(1.0, age / 10)))
+            try:
+                n = self.reclaim(age)
+                log.log(logging.INFO if n else logging.DEBUG,
+                        "reclaimed %d tombstone(s) older than %gs", n, age)
+            except OSError as e:
+                log.error("reclaiming tombstones: %s", e)
 
     # Start-up.
 
@@ -670,6 +872,7 @@ class BlobHandler(Handler):
         ("GET", "alive"): "do_alive",
         ("GET", "blob"): "do_get",
         ("POST", "blob"): "do_post", ("PUT", "blob"): "do_post",
+        ("DELETE", "blob"): "do_delete",
         ("GET", "blobs"): "do_list",
         ("GET", "stats"): "do_stats",
         ("GET", "digests"): "do_digests",
@@ -687,9 +890,10 @@ class BlobHandler(Handler):
 
     def do_get(self):
         blob_id = self.rest
-        fd, size, meta = self.server.store.get(blob_id)
+        fd, size, meta, ts = self.server.store.get(blob_id)
         try:
-            headers = blob_headers(blob_id, meta)
+            # The write's time goes along, so replicate's copy carries it.
+            headers = blob_headers(blob_id, meta) + [("X-Sos-Timestamp", str(ts))]
             status, offset, count, extra = http_range(self.headers, blob_id, size,
                                                       self.command)
             if status in (HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE,
@@ -705,8 +909,26 @@ class BlobHandler(Handler):
     def do_post(self):
         length = self.body_length()
         meta = blob_metadata(self.header_list)
-        size = self.server.store.put(self.rest, self.body(length), meta, length)
-        self.send_json(HTTPStatus.OK, {"id": self.rest, "status": "OK", "size": size})
+        size, stored = self.server.store.put(self.rest, self.body(length), meta,
+                                             length, self.timestamp())
+        self.send_json(HTTPStatus.OK, {"id": self.rest, "size": size,
+                                       "status": "OK" if stored else "superseded"})
+
+    def do_delete(self):
+        deleted, removed, ts = self.server.store.delete(self.rest, self.timestamp())
+        self.send_json(HTTPStatus.OK, {
+            "id": self.rest, "status": "deleted" if deleted else "superseded",
+            "removed": removed, "timestamp": ts})
+
+    def timestamp(self):
+        """The write's X-Sos-Timestamp (ns since the epoch), None if not sent."""
+        value = self.headers.get("x-sos-timestamp")
+        if value is None:
+            return None
+        if not (value.isascii() and value.isdigit() and int(value) < 1 << 63):
+            raise HTTPError(HTTPStatus.BAD_REQUEST,
+                            "bad X-Sos-Timestamp: nanoseconds since the epoch")
+        return int(value)
 
     def do_list(self):
         p = self.params()
@@ -720,8 +942,14 @@ class BlobHandler(Handler):
             raise HTTPError(HTTPStatus.BAD_REQUEST, "bad after or prefix")
         # Streamed: the listing holds whatever the store holds, in constant
         # memory, and is still one JSON array for the Go original's replicate.
+        # ?state=1 is for ours: tombstones too, with every write's time.
+        if p.get("state"):
+            items = ('["%s",%d,"%s"]' % e for e in self.server.store.entries(
+                after, prefix, limit, tombstones=True))
+        else:
+            items = ('"%s"' % i for i in self.server.store.ids(after, prefix, limit))
         self.send(HTTPStatus.OK, [("Content-Type", "application/json")],
-                  json_array(self.server.store.ids(after, prefix, limit)))
+                  json_array(items))
 
     def do_stats(self):
         self.send_json(HTTPStatus.OK, self.server.store.stats())
@@ -743,11 +971,11 @@ class BlobHandler(Handler):
                                        "quarantined": result is False})
 
 
-def json_array(ids, batch=2000):
-    """Yield a JSON array of ids in pieces of `batch` ids."""
+def json_array(items, batch=2000):
+    """Yield a JSON array of items (each JSON text) in pieces of `batch`."""
     out, sep = ["["], ""
-    for blob_id in ids:
-        out.append('%s"%s"' % (sep, blob_id))
+    for item in items:
+        out.append(sep + item)
         sep = ","
         if len(out) >= batch:
             yield "".join(out).encode()
@@ -766,6 +994,14 @@ class BlobServer(Server):
 
 
 make_server = BlobServer
+
+
+def parse_age(text):
+    """'7d', '12h', '30m', '90s' or '3600' -> seconds; ValueError otherwise."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?)([dhms]?)", text.strip())
+    if not m:
+        raise ValueError("bad age %r (use e.g. 7d, 12h, 30m, 90s)" % text)
+    return float(m.group(1)) * {"d": 86400, "h": 3600, "m": 60}.get(m.group(2), 1)
 
 
 def resolve_user(spec):
@@ -831,6 +1067,9 @@ def main(argv=None):
                         "smaller disk)")
     parser.add_argument("--max-size", type=parse_size, default=None,
                         help="largest blob accepted (default: no limit)")
+    parser.add_argument("--reclaim-age", type=parse_age, default=DEFAULT_RECLAIM_AGE,
+                        help="tombstones of deletes are removed after this long "
+                        "(default %(default)s; e.g. 12h, 30m, 90s)")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--version", action="version",
                         version="blob-server " + VERSION)
@@ -870,8 +1109,12 @@ def main(argv=None):
              store.root,
              " (chrooted, running as %s)" % args.user if chroot else ""),
           flush=True)
-    sys.exit(serve_workers([[w] for w in workers], lambda: threading.Thread(
-        target=store.warm, daemon=True).start()))
+
+    def background():
+        threading.Thread(target=store.warm, daemon=True).start()
+        threading.Thread(target=store.reclaim_forever, args=(args.reclaim_age,),
+                         daemon=True).start()
+    sys.exit(serve_workers([[w] for w in workers], background))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 
 Anti-entropy for SOS.  Within each group (see sos.py for configuration and
 groups), every blob held by any member is copied, with its X-* metadata, to
-every member that lacks it.  Nothing crosses groups.  Run it from cron or the
+every member that lacks it, and every delete reaches every member.  Nothing
+crosses groups.  Run it from cron or the
 systemd timer in packaging/:
 
     replicate --verbose                      # groups from /etc/sos.conf, ~/.sos.conf
@@ -16,6 +17,14 @@ listed at all; for a bucket that differs, their sorted, paged listings
 (GET /blobs?prefix=&after=&limit=) are merged as streams, so memory stays
 bounded whatever the count.  Against a blob-server of the Go original (no
 digests, no paging) it falls back to full listings.
+
+Listings (?state=1) name tombstones too, and every blob's and tombstone's
+timestamp.  Per id the newest wins, a tombstone on a tie: a newer tombstone
+is sent (DELETE with its timestamp) to members holding the blob or nothing,
+so it outlives every copy until reclaimed; a newer blob is copied, with its
+timestamp, over older tombstones.  A blob-server always checks, so a blob
+never lands on a newer tombstone.  The Go original's listing has no states:
+its blobs count as written at time 0, and it can't take a delete.
 
 Copies stream from a holder to the member that lacks the blob, and the
 receiving blob-server checks the bytes against the id, so a corrupt copy is
@@ -55,7 +64,7 @@ class Progress:
     def __init__(self, live):
         self.live = live
         self.lock = threading.Lock()
-        self.copied = self.bytes = self.failed = self.examined = 0
+        self.copied = self.bytes = self.failed = self.examined = self.deleted = 0
         self.corrupt = self.scrubbed = self.quarantined = 0
         self.start = time.monotonic()
         self.last_draw = 0.0
@@ -77,9 +86,9 @@ class Progress:
         if 0 < self.fraction < 1:
             eta = " ETA %ds" % (elapsed / self.fraction - elapsed)
         sys.stderr.write("\r\033[K%d examined, %d copied (%.1f MiB, %.1f MiB/s), "
-                         "%d failed%s%s" % (
+                         "%d deleted, %d failed%s%s" % (
                              self.examined, self.copied, self.bytes / 2**20,
-                             self.bytes / 2**20 / elapsed, self.failed,
+                             self.bytes / 2**20 / elapsed, self.deleted, self.failed,
                              ", %d scrubbed" % self.scrubbed if self.scrubbed else "",
                              eta))
         sys.stderr.flush()
@@ -168,34 +177,64 @@ class Replicator:
                         if len({d.get(b) for d in digests}) > 1)
         return reachable, differ, errors
 
-    def missing(self, members, prefixes):
-        """Yield (blob_id, holders, lacking) by merging sorted listings."""
+    def states(self, member, prefix=""):
+        """Yield (id, timestamp, kind) of member's blobs and tombstones with
+        prefix, ascending; a member without states (the Go original, or an
+        older blob-server) lists its blobs, as written at time 0."""
+        after = ""
+        while True:
+            status, page = self._get_json(member, "/blobs?state=1&prefix=%s&after=%s"
+                                          "&limit=%d" % (prefix, after, PAGE))
+            if status != HTTPStatus.OK or not isinstance(page, list) or not all(
+                    isinstance(e, list) and len(e) == 3 and isinstance(e[1], int)
+                    and e[2] in ("blob", "tombstone") for e in page):
+                if after:
+                    raise Unreachable("%s: /blobs?state=1 stopped answering" % member)
+                yield from ((blob_id, 0, "blob") for blob_id in self.ids(member, prefix))
+                return
+            yield from map(tuple, page)
+            if len(page) < PAGE:
+                return
+            after = page[-1][0]
+
+    def differences(self, members, prefixes):
+        """Yield (blob_id, action, target, source list or timestamp): what
+        brings the members to every id's newest state, by merging sorted
+        listings."""
         buckets = prefixes if prefixes is not None else [None]
         for n, bucket in enumerate(buckets):
             prefix = (bucket or "").rstrip("-")
             streams = [self._tagged(m, prefix) for m in members]
-            current, holders = None, []
-            for blob_id, member in heapq.merge(*streams):
+            current, states = None, {}
+            for blob_id, member, ts, kind in heapq.merge(*streams):
                 if bucket and shard(blob_id)[0] != bucket:
                     continue            # a short prefix also lists other buckets
                 if blob_id != current:
                     if current is not None:
-                        yield from self._lacking(current, holders, members)
-                    current, holders = blob_id, []
-                holders.append(member)
+                        yield from self._actions(current, states, members)
+                    current, states = blob_id, {}
+                states[member] = (ts, kind == "tombstone")
             if current is not None:
-                yield from self._lacking(current, holders, members)
+                yield from self._actions(current, states, members)
             self.progress.fraction = (n + 1) / len(buckets)
 
     def _tagged(self, member, prefix):
-        for blob_id in self.ids(member, prefix):
-            yield blob_id, member
+        for blob_id, ts, kind in self.states(member, prefix):
+            yield blob_id, member, ts, kind
 
-    def _lacking(self, blob_id, holders, members):
+    def _actions(self, blob_id, states, members):
+        """states is {member: (timestamp, is tombstone)}: the newest wins,
+        the tombstone on a tie."""
         self.progress.add(examined=1)
-        lacking = [m for m in members if m not in holders]
-        if lacking:
-            yield blob_id, holders, lacking
+        ts, deleted = max(states.values())
+        for m in members:
+            if deleted and not states.get(m, (0, False))[1]:
+                yield blob_id, "delete", m, ts
+            elif not deleted and (m not in states or states[m][1]):
+                # The newest copy first: an older one may be superseded.
+                yield blob_id, "copy", m, sorted(
+                    (h for h in states if not states[h][1]),
+                    key=lambda h: -states[h][0])
 
     def copy(self, blob_id, holders, target):
         """Stream blob_id from a holder to target; True on success."""
@@ -210,6 +249,9 @@ class Replicator:
                     log.warning("%s: %s answered %d", blob_id, source, reply.status)
                     continue
                 headers = blob_metadata(reply.headers.items())
+                ts = reply.headers.get("X-Sos-Timestamp")
+                if ts:                  # the copy keeps the time of its write
+                    headers["X-Sos-Timestamp"] = ts
                 length = reply.headers.get("Content-Length")
                 if length is not None:
                     headers["Content-Length"] = length
@@ -228,6 +270,10 @@ class Replicator:
                 continue
             finally:
                 reply.close()
+            if out.status == HTTPStatus.OK and b'"superseded"' in answer:
+                # A delete newer than this copy reached the target meanwhile.
+                log.info("%s: %s holds a newer delete", blob_id, target)
+                return True
             if out.status == HTTPStatus.OK:
                 log.info("copied %s %s -> %s", blob_id, source, target)
                 self.progress.add(copied=1, bytes=int(length or 0))
@@ -243,11 +289,28 @@ class Replicator:
         self.progress.add(failed=1)
         return False
 
+    def delete(self, blob_id, ts, target):
+        """Record blob_id's tombstone, as of ts, on target; True on success."""
+        try:
+            reply = self.pool.request(target, "DELETE", "/blob/" + blob_id,
+                                      headers={"X-Sos-Timestamp": str(ts)})
+            answer = reply.read()
+            reply.close()
+        except (OSError, http.client.HTTPException) as e:
+            reply, answer = None, str(e).encode()
+        if reply and reply.status == HTTPStatus.OK:
+            log.info("%s: tombstone sent to %s: %s", blob_id, target, answer.strip())
+            self.progress.add(deleted=int(b'"deleted"' in answer))
+            return True
+        log.warning("%s: delete on %s failed: %s", blob_id, target, answer[:200])
+        self.progress.add(failed=1)
+        return False
+
     def sync(self, group):
         """Bring group's members into agreement; returns a summary dict."""
         start = time.monotonic()
         p = self.progress
-        before = (p.examined, p.copied, p.failed)
+        before = (p.examined, p.copied, p.failed, p.deleted)
         members, prefixes, errors = self.plan(group.members)
         for e in errors:
             log.error("group %s: member unreachable, skipped: %s", group.name, e)
@@ -257,31 +320,33 @@ class Replicator:
             log.info("group %s: comparing %s", group.name, "all ids" if prefixes
                      is None else "%d bucket(s)" % len(prefixes))
             try:
-                self._copy_all(self.missing(members, prefixes))
+                self._apply_all(self.differences(members, prefixes))
             except Unreachable as e:
                 log.error("group %s: %s", group.name, e)
                 errors.append(str(e))
         return {"group": group.name, "examined": p.examined - before[0],
                 "copied": p.copied - before[1], "failed": p.failed - before[2],
+                "deleted": p.deleted - before[3],
                 "unreachable": len(errors),
                 "seconds": round(time.monotonic() - start, 2)}
 
-    def _copy_all(self, plan):
+    def _apply_all(self, plan):
         slots = threading.BoundedSemaphore(self.jobs * 2)   # bounded backlog
         with ThreadPoolExecutor(self.jobs) as pool:
-            for blob_id, holders, lacking in plan:
-                for target in lacking:
-                    if self.dry_run:
-                        print("would copy %s %s -> %s" % (blob_id, holders[0], target))
-                        continue
-                    slots.acquire()
-                    pool.submit(self._copy_job, slots, blob_id, holders, target)
+            for blob_id, action, target, arg in plan:
+                if self.dry_run:
+                    print("would copy %s %s -> %s" % (blob_id, arg[0], target)
+                          if action == "copy" else
+                          "would delete %s on %s" % (blob_id, target))
+                    continue
+                slots.acquire()
+                pool.submit(self._job, slots, blob_id, action, target, arg)
 
-    def _copy_job(self, slots, blob_id, holders, target):
+    def _job(self, slots, blob_id, action, target, arg):
         try:
-            self.copy(blob_id, holders, target)
+            getattr(self, action)(blob_id, arg, target)     # copy() or delete()
         except Exception:
-            log.exception("%s: copy to %s failed", blob_id, target)
+            log.exception("%s: %s on %s failed", blob_id, action, target)
             self.progress.add(failed=1)
         finally:
             slots.release()
@@ -321,7 +386,7 @@ def main(argv=None):
                             "SOS group.")
     add_cluster_args(parser)
     parser.add_argument("--dry-run", action="store_true",
-                        help="say what would be copied, copy nothing")
+                        help="say what would be copied and deleted, change nothing")
     # Copies wait mostly on the receiver's fsyncs, so many can overlap.
     parser.add_argument("--jobs", type=int, default=16,
                         help="parallel transfers (default %(default)s)")
@@ -365,12 +430,13 @@ def main(argv=None):
                     status = 1
         summaries.append(rep.sync(group))
     progress.end()
-    print("%-12s %10s %8s %7s %12s %8s" % ("group", "examined", "copied", "failed",
-                                           "unreachable", "seconds"))
+    print("%-12s %10s %8s %8s %7s %12s %8s" % ("group", "examined", "copied",
+                                               "deleted", "failed", "unreachable",
+                                               "seconds"))
     for s in summaries:
-        print("%-12s %10d %8d %7d %12d %8.2f" % (
-            s["group"], s["examined"], s["copied"], s["failed"], s["unreachable"],
-            s["seconds"]))
+        print("%-12s %10d %8d %8d %7d %12d %8.2f" % (
+            s["group"], s["examined"], s["copied"], s["deleted"], s["failed"],
+            s["unreachable"], s["seconds"]))
         if s["failed"] or s["unreachable"]:
             status = 1
     if progress.corrupt or progress.quarantined:

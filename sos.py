@@ -9,6 +9,11 @@ allow the world to read and only some hosts to write:
                              "copies": N} once N blob-servers hold it on disk;
                              411 no length, 413 too large, 503 nowhere to
                              store it.
+    DELETE /fetch/<id>       (upload port, with --delete-token) delete it
+                             from every member of every group: 200
+                             {"id", "status": "deleted", "removed"} once all
+                             recorded it, 202 {"pending": [urls]} if some
+                             could not, 503 if none; 401/403 without the token.
     GET|HEAD /fetch/<id>[.ext] (download port, 9992) the bytes, with
                              Content-Type (X-Mime-Type, else from .ext),
                              ETag, Range (206/416), 304, the blob's X-*
@@ -33,8 +38,10 @@ imports: it exists once.  Run it as:
 
 import collections
 import hashlib
+import hmac
 import html
 import http.client
+import json
 import logging
 import math
 import os
@@ -219,7 +226,8 @@ class Cluster:
         self.health = {m: {"up": True, "full": False} for g in groups
                        for m in g.members}
         self.counters = dict.fromkeys(("copies_made", "copies_failed", "corrupt",
-                                       "failovers", "partial"), 0)
+                                       "failovers", "partial", "deletes",
+                                       "deletes_pending"), 0)
         self.executor = ThreadPoolExecutor(max_workers=64,
                                            thread_name_prefix="upstream")
         self._count_lock = threading.Lock()
@@ -289,6 +297,11 @@ class Cluster:
         h = self.health.get(member, {})
         return h.get("up", True) and not h.get("full")
 
+    def unreachable(self, member, what, blob_id, error):
+        log.warning("%s of %s on %s failed: %s", what, blob_id, member, error)
+        self.health[member] = dict(self.health.get(member, {}), up=False,
+                                   error=str(error))
+
     def members(self, blob_id, group):
         """A group's members to ask for blob_id: healthy ones first."""
         ranked = rank(blob_id, group.members)
@@ -303,6 +316,9 @@ class Cluster:
         Unavailable when nothing could be stored (or, with strict, fewer
         than the required copies)."""
         best = 0
+        # One time for every copy: each member orders this upload and any
+        # delete of the id by it (last writer wins).
+        meta = dict(meta, **{"X-Sos-Timestamp": str(time.time_ns())})
         order = placement(blob_id, self.groups)
         # Groups known to be full or down go last, but are still tried:
         # health may be stale, and a late copy beats no copy.
@@ -358,9 +374,7 @@ class Cluster:
             answer = reply.read()
             reply.close()
         except (OSError, http.client.HTTPException) as e:
-            log.warning("upload of %s to %s failed: %s", blob_id, member, e)
-            self.health[member] = dict(self.health.get(member, {}), up=False,
-                                       error=str(e))
+            self.unreachable(member, "upload", blob_id, e)
             return False
         finally:
             if not isinstance(body, bytes):
@@ -375,6 +389,44 @@ class Cluster:
             return False
         log.debug("stored %s on %s", blob_id, member)
         return True
+
+    # Delete.
+
+    def delete(self, blob_id):
+        """Delete blob_id on every member of every group (fetch falls back to
+        other groups, so a copy anywhere would be served), in parallel, as of
+        one timestamp.  Returns (copies removed, members that have not
+        recorded it: down, or the Go original's, which has no DELETE).
+        Raises InvalidId, or Unavailable if no member recorded it."""
+        if not valid_id(blob_id):
+            raise InvalidId(blob_id)
+        headers = {"X-Sos-Timestamp": str(time.time_ns())}
+        members = [m for g in self.groups for m in g.members]
+        removed = list(self.executor.map(
+            lambda m: self._delete(m, blob_id, headers), members))
+        pending = [m for m, n in zip(members, removed) if n is None]
+        if len(pending) == len(members):
+            raise Unavailable("delete of %s recorded nowhere" % blob_id)
+        self.count("deletes_pending" if pending else "deletes")
+        return sum(n or 0 for n in removed), pending
+
+    def _delete(self, member, blob_id, headers):
+        """DELETE on one member: the copies it removed, None if not recorded."""
+        try:
+            reply = self.pool.request(member, "DELETE", "/blob/" + blob_id,
+                                      headers=headers)
+            answer = reply.read()
+            reply.close()
+            if reply.status == HTTPStatus.OK:
+                return int(json.loads(answer)["removed"])
+        except (OSError, http.client.HTTPException) as e:
+            self.unreachable(member, "delete", blob_id, e)
+            return None
+        except (ValueError, LookupError, TypeError):
+            pass
+        log.warning("delete of %s on %s: %d %s", blob_id, member, reply.status,
+                    answer[:200])
+        return None
 
     # Fetch.
 
@@ -400,9 +452,7 @@ class Cluster:
                     reply = self.pool.request(member, method, "/blob/" + blob_id,
                                               headers=forward)
                 except (OSError, http.client.HTTPException) as e:
-                    log.warning("fetch of %s from %s failed: %s", blob_id, member, e)
-                    self.health[member] = dict(self.health.get(member, {}),
-                                               up=False, error=str(e))
+                    self.unreachable(member, "fetch", blob_id, e)
                     unasked.append(member)
                     continue
                 log.debug("fetch of %s from %s: %d", blob_id, member, reply.status)
@@ -536,7 +586,13 @@ def spool(chunks, spool_dir=None, in_memory=SPOOL_IN_MEMORY):
 # --- HTTP front ------------------------------------------------------------------
 
 class UploadHandler(Handler):
-    routes = {("POST", "upload"): "do_upload", ("PUT", "upload"): "do_upload"}
+    routes = {("POST", "upload"): "do_upload", ("PUT", "upload"): "do_upload",
+              ("DELETE", "fetch"): "do_delete"}
+    # A delete needs the delete token, which do_delete checks, and not the
+    # upload token: upload access alone must not be enough to delete.
+    open_routes = ("fetch",)
+    exceptions = {**Handler.exceptions,
+                  Unavailable: (HTTPStatus.SERVICE_UNAVAILABLE, None)}
 
     def do_upload(self):
         srv = self.server
@@ -571,6 +627,22 @@ class UploadHandler(Handler):
                 body.close()
         self.send_json(HTTPStatus.OK, {"id": blob_id, "size": size,
                                        "status": "OK", "copies": copies})
+
+    def do_delete(self):
+        token, given = self.server.delete_token, self.headers.get("authorization")
+        if not token:
+            raise HTTPError(HTTPStatus.FORBIDDEN, "deletes are off: start "
+                            "sos-server with --delete-token FILE to enable them")
+        if not given:
+            raise HTTPError(HTTPStatus.UNAUTHORIZED, "deletes need the delete "
+                            "token", [("WWW-Authenticate", "Bearer")])
+        if not hmac.compare_digest(given.encode("latin-1"),
+                                   b"Bearer " + token.encode()):
+            raise HTTPError(HTTPStatus.FORBIDDEN, "wrong delete token")
+        removed, pending = self.server.cluster.delete(self.rest)
+        self.send_json(HTTPStatus.ACCEPTED if pending else HTTPStatus.OK, dict(
+            {"id": self.rest}, **{"status": "pending", "pending": pending}
+            if pending else {"status": "deleted", "removed": removed}))
 
 
 class DownloadHandler(Handler):
@@ -625,12 +697,13 @@ class AdminHandler(Handler):
         members = [(g.name, m, cluster.health.get(m, {})) for g in cluster.groups
                    for m in g.members]
         extra = [("sos_upstream_events_total", "counter",
-                  "uploads' copies made and failed, failovers, corrupt copies",
+                  "uploads' copies made and failed, failovers, corrupt copies, "
+                  "deletes (pending: not recorded everywhere)",
                   [({"event": k}, v) for k, v in sorted(cluster.counters.items())]),
                  ("sos_member_up", "gauge", "blob-server reachable (1) or not",
                   [({"group": g, "member": m}, int(bool(h.get("up"))))
                    for g, m, h in members])]
-        for key in ("blobs", "bytes", "disk_free", "disk_total"):
+        for key in ("blobs", "bytes", "tombstones", "disk_free", "disk_total"):
             extra.append(("sos_member_%s" % key, "gauge", "blob-server %s" % key,
                           [({"group": g, "member": m}, int(h[key]))
                            for g, m, h in members if key in h]))
@@ -650,9 +723,9 @@ def status_page(report, errors):
     for g in report["groups"]:
         rows.append('<h2>Group %s <span class="%s">%s</span></h2><table><tr><th>'
                     'blob-server</th><th>state</th><th>disk</th><th>blobs</th>'
-                    '<th>latency</th></tr>' % (e(g["name"]), "up" if g["writable"]
-                                                else "down", "writable" if
-                                                g["writable"] else "NOT WRITABLE"))
+                    '<th>tombstones</th><th>latency</th></tr>' % (
+                        e(g["name"]), "up" if g["writable"] else "down",
+                        "writable" if g["writable"] else "NOT WRITABLE"))
         for m in g["members"]:
             state = "down" if not m.get("up") else "full" if m.get("full") else "up"
             total, free = m.get("disk_total") or 0, m.get("disk_free") or 0
@@ -660,11 +733,12 @@ def status_page(report, errors):
             disk = ('<div class="bar"><div style="width:%.0f%%"></div></div> '
                     '%.1f of %.1f GiB free' % (used, free / 2**30, total / 2**30)
                     if total else "-")
-            rows.append('<tr class="member %s" data-state="%s"><td>%s</td><td>%s%s'
-                        '</td><td>%s</td><td>%s</td><td>%s ms</td></tr>' % (
+            rows.append('<tr class="member %s" data-state="%s"><td>%s</td><td>%s%s</td>'
+                        '<td>%s</td><td>%s</td><td>%s</td><td>%s ms</td></tr>' % (
                             state, state, e(m["url"]), state.upper(),
                             " (%s)" % e(m["error"]) if m.get("error") else "",
-                            disk, m.get("blobs", "-"), m.get("latency_ms", "-")))
+                            disk, m.get("blobs", "-"), m.get("tombstones", "-"),
+                            m.get("latency_ms", "-")))
         rows.append("</table>")
     recent = "".join("<li>%s</li>" % e(line) for line in reversed(errors)) or \
         "<li>none</li>"
@@ -700,10 +774,12 @@ class FrontServer(Server):
     """The upload or the download port: handler serves it, over cluster."""
 
     def __init__(self, address, handler, cluster, metrics, max_upload=None,
-                 spool_dir=None, token=None, tls=None, reuse_port=False):
+                 spool_dir=None, token=None, tls=None, reuse_port=False,
+                 delete_token=None):
         self.cluster = cluster
         self.max_upload = max_upload
         self.spool_dir = spool_dir
+        self.delete_token = delete_token
         super().__init__(address, handler, "sos-server", metrics, token, tls,
                          reuse_port)
 
@@ -720,12 +796,12 @@ class AdminServer(Server):
 def make_servers(cluster, host="0.0.0.0", upload_port=9991, download_port=9992,
                  max_upload=parse_size(DEFAULT_MAX_UPLOAD), spool_dir=None,
                  upload_token=None, download_token=None, tls=None,
-                 reuse_port=False):
+                 reuse_port=False, delete_token=None):
     """The upload and download servers, bound but not yet serving; they
     share one set of figures."""
     metrics = Metrics("sos")
     return [FrontServer((host, port), handler, cluster, metrics, max_upload,
-                        spool_dir, token, tls, reuse_port)
+                        spool_dir, token, tls, reuse_port, delete_token)
             for port, handler, token in ((upload_port, UploadHandler, upload_token),
                                          (download_port, DownloadHandler,
                                           download_token))]
@@ -788,6 +864,8 @@ def main(argv=None):
                         help="uploads need 'Authorization: Bearer <token>'")
     parser.add_argument("--download-token", metavar="FILE",
                         help="fetches need 'Authorization: Bearer <token>'")
+    parser.add_argument("--delete-token", metavar="FILE", help="enable DELETE "
+                        "/fetch/<id> on the upload port, with this token")
     add_server_args(parser)
     args = parser.parse_args(argv)
     setup_logging(args.verbose, args.access_log)
@@ -807,7 +885,7 @@ def main(argv=None):
     log.addHandler(errors)
     options = (args.max_upload, args.spool_dir, read_token(args.upload_token),
                read_token(args.download_token), tls_context(args.tls_cert, args.tls_key),
-               args.workers > 1)
+               args.workers > 1, read_token(args.delete_token))
     try:
         servers = make_servers(cluster, args.api_host, args.upload_port,
                                args.download_port, *options)

@@ -25,6 +25,7 @@ time: a blob-server imports it before chrooting into its store.
 import argparse
 import bisect
 import collections
+import ctypes
 import email.utils
 import hashlib
 import hmac
@@ -71,6 +72,7 @@ MIN_RATE = 64 * 1024      # bytes/s a body or response must average, after
 RATE_GRACE = 10.0         # ...this many seconds of slack
 DRAIN_TIMEOUT = 30.0      # SIGTERM: how long in-flight requests may finish
 REAPER_PERIOD = 0.25      # how often deadlines are looked at
+PR_SET_PDEATHSIG = 1      # prctl(2)
 DIGITS = re.compile(rb"[0-9]{1,19}")
 HEXDIGITS = re.compile(rb"[0-9a-fA-F]{1,16}")
 TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -948,6 +950,18 @@ def serve(servers, on_stop=None):
     return 0
 
 
+def die_with_parent():
+    """Have the kernel send this (forked) process SIGTERM when its parent
+    dies: a worker must not go on serving a port once its master was killed
+    (kill -9, the OOM killer), where nobody would ever stop it."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass                    # not Linux: workers stop with the master's SIGTERM
+    if os.getppid() == 1:       # the parent died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def serve_workers(workers, on_start=None):
     """Serve each worker's servers in a process of its own.
 
@@ -961,6 +975,7 @@ def serve_workers(workers, on_start=None):
     for servers in workers[1:]:
         pid = os.fork()
         if pid == 0:
+            die_with_parent()
             for other in workers:
                 if other is not servers:
                     for srv in other:

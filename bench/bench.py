@@ -1082,11 +1082,12 @@ class Bench:
     def replicate(self, a, b):
         res = run([PYTHON, "replicate.py", "--blob-server", "%s,%s" % (a.url, b.url)],
                   timeout=1800)
-        m = re.search(r"^default\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([0-9.]+)$",
+        m = re.search(r"^default\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([0-9.]+)$",
                       res.out, re.M)
         if not m:
             raise RuntimeError("replicate said:\n%s%s" % (res.out, res.err))
-        res.examined, res.copied, res.failed, res.unreachable = map(int, m.groups()[:4])
+        res.examined, res.copied, res.deleted, res.failed, res.unreachable = \
+            map(int, m.groups()[:5])
         return res
 
     def row_replicate(self):

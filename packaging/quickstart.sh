@@ -2,7 +2,8 @@
 # CI: the README's Quick Start from the source tree, as a newcomer runs it.
 #
 # `make run` in the background, then the seed's curl upload and fetch, the
-# replicate step reading ~/.sos.conf, and Ctrl-C (SIGINT) stopping it all.
+# replicate step reading ~/.sos.conf, the delete line it prints, and Ctrl-C
+# (SIGINT) stopping it all.
 # Uses the default ports (4001, 4002, 9991, 9992, 9993): they must be free.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +47,16 @@ for port in 4001 4002; do
     curl -s "http://localhost:$port/blob/$id" | cmp - "$work/upload" \
         || fail "blob-server :$port lacks $id"
 done
+
+# The delete line make run printed, with the token it generated.
+token=$(cat delete.token)
+grep -qF "curl -X DELETE -H 'Authorization: Bearer $token' http://localhost:9991/fetch/<id>" "$log" \
+    || fail "make run did not print the delete line"
+code=$(curl -s -o /dev/null -w '%{http_code}' -X DELETE -H "Authorization: Bearer $token" \
+    "http://localhost:9991/fetch/$id")
+[ "$code" = 200 ] || fail "delete answered $code"
+code=$(curl -s -o /dev/null -w '%{http_code}' "http://localhost:9992/fetch/$id")
+[ "$code" = 404 ] || fail "fetch after delete answered $code"
 
 kill -INT -- "-$run_pid"
 deadline=$((SECONDS + 30))

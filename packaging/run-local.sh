@@ -3,7 +3,8 @@
 #
 # Two blob-servers (ports 4001 and 4002, stores ./data1 and ./data2) and a
 # sos-server (upload 9991, download 9992) in the foreground; Ctrl-C stops all
-# three.  Needs only python3.  Ports and interpreter can be overridden:
+# three.  Deletes are on, with a token generated into ./delete.token (kept
+# across runs).  Needs only python3.  Ports and interpreter can be overridden:
 #   PYTHON=python3 BLOB1_PORT=4001 BLOB2_PORT=4002 UPLOAD_PORT=9991 DOWNLOAD_PORT=9992 ADMIN_PORT=9993
 #
 # Started as root, each blob-server chroots into its store and runs as nobody
@@ -50,6 +51,12 @@ PY
     done
 }
 
+# Deletes need a token of their own: made once, readable by us only.
+if [ ! -s delete.token ]; then
+    (umask 077 && "$PYTHON" -c 'import secrets; print(secrets.token_hex(16))' >delete.token)
+fi
+DELETE_TOKEN=$(cat delete.token)
+
 # setsid: Ctrl-C reaches only this script, which then sends each server one
 # SIGTERM (a terminal's SIGINT plus our SIGTERM would be two signals).
 setsid "$PYTHON" blob.py -store data1 -port "$BLOB1_PORT" & PIDS+=($!)
@@ -57,7 +64,8 @@ setsid "$PYTHON" blob.py -store data2 -port "$BLOB2_PORT" & PIDS+=($!)
 wait_ready "${PIDS[0]}" "http://127.0.0.1:$BLOB1_PORT/alive"
 wait_ready "${PIDS[1]}" "http://127.0.0.1:$BLOB2_PORT/alive"
 setsid "$PYTHON" sos.py -blob-server "http://127.0.0.1:$BLOB1_PORT,http://127.0.0.1:$BLOB2_PORT" \
-    -upload-port "$UPLOAD_PORT" -download-port "$DOWNLOAD_PORT" -admin-port "$ADMIN_PORT" & PIDS+=($!)
+    -upload-port "$UPLOAD_PORT" -download-port "$DOWNLOAD_PORT" -admin-port "$ADMIN_PORT" \
+    -delete-token delete.token & PIDS+=($!)
 wait_ready "${PIDS[2]}" "http://127.0.0.1:$DOWNLOAD_PORT/"
 
 cat <<EOF
@@ -67,6 +75,7 @@ sos-server uploads on :$UPLOAD_PORT, downloads on :$DOWNLOAD_PORT.  Try, in anot
 
   curl -X POST --data-binary @/etc/passwd http://localhost:$UPLOAD_PORT/upload
   curl http://localhost:$DOWNLOAD_PORT/fetch/<id from the reply>
+  curl -X DELETE -H 'Authorization: Bearer $DELETE_TOKEN' http://localhost:$UPLOAD_PORT/fetch/<id>
   $PYTHON replicate.py -blob-server http://localhost:$BLOB1_PORT,http://localhost:$BLOB2_PORT --verbose
   curl http://localhost:$BLOB1_PORT/blobs
 

@@ -267,7 +267,9 @@ class BlobProcess(Program):
     def __init__(self, store, *args, port=0, host="127.0.0.1", log_path=None,
                  env=None, python=PYTHON, prefix=(), probe=True, **popen):
         self.store = None if store is None else str(store)
-        self.args = list(args)
+        # One process unless a test asks for more: "down" must mean down,
+        # and kill -9 reaches one pid.
+        self.args = (["--workers", "1"] if store is not None else []) + list(args)
         self.host = host
         self.port = port
         self.python = python

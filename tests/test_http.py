@@ -489,8 +489,8 @@ ROWS = [
     Row("r11-upload-unknown-method-is-501", "upload", req("FOO /upload HTTP/1.1"), 501),
     Row("r11-fetch-delete-is-405-with-allow", "fetch", req("DELETE /fetch/{T} HTTP/1.1"),
         405, {"allow": Tokens({"GET", "HEAD"})}),
-    Row("r11-blob-delete-is-405-with-allow", "blob", req("DELETE /blob/{T} HTTP/1.1"),
-        405, {"allow": Tokens({"GET", "HEAD", "POST", "PUT"})}),
+    Row("r11-blob-patch-is-405-with-allow", "blob", req("PATCH /blob/{T} HTTP/1.1"),
+        405, {"allow": Tokens({"DELETE", "GET", "HEAD", "POST", "PUT"})}),
     Row("r11-upload-get-is-405-with-allow", "upload", req("GET /upload HTTP/1.1"),
         405, {"allow": Tokens({"POST", "PUT"})}),
 

@@ -53,9 +53,10 @@ def run(capsys, *argv):
     out = capsys.readouterr().out
     summary = {}
     for line in out.splitlines():
-        m = re.fullmatch(r"(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+[\d.]+", line)
+        m = re.fullmatch(r"(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+[\d.]+",
+                         line)
         if m:
-            summary[m.group(1)] = dict(zip(("examined", "copied", "failed",
+            summary[m.group(1)] = dict(zip(("examined", "copied", "deleted", "failed",
                                             "unreachable"), map(int, m.groups()[1:])))
     return rc, summary, out
 
@@ -87,9 +88,11 @@ def test_second_run_copies_nothing(blob_server, capsys):
         put((a, b, c)[i % 3], b"blob %d" % i)
     urls = ",".join((a.url, b.url, c.url))
     assert run(capsys, "-blob-server", urls)[:2] == \
-        (0, {"default": {"examined": 30, "copied": 60, "failed": 0, "unreachable": 0}})
+        (0, {"default": {"examined": 30, "copied": 60, "deleted": 0, "failed": 0,
+                         "unreachable": 0}})
     assert run(capsys, "-blob-server", urls)[:2] == \
-        (0, {"default": {"examined": 0, "copied": 0, "failed": 0, "unreachable": 0}})
+        (0, {"default": {"examined": 0, "copied": 0, "deleted": 0, "failed": 0,
+                         "unreachable": 0}})
 
 
 def test_metadata_is_preserved_on_copies(blob_server, capsys):
@@ -322,12 +325,16 @@ def test_sos_server_uploads_to_and_fetches_from_the_original(blob_server):
         data = os.urandom(10000)             # the original sends it chunked
         status, reply = front.upload(data, {"X-Mime-Type": "image/png"})
         assert status == 200 and reply["copies"] == 2
-        assert go.blobs[reply["id"]] == (data, {"X-Mime-Type": "image/png"})
+        # The original stores every X-* header, the upload's time too; our
+        # fetch never passes X-Sos-* on (below).
+        assert go.blobs[reply["id"]][0] == data
+        assert go.blobs[reply["id"]][1].keys() == {"X-Mime-Type", "X-Sos-Timestamp"}
         assert ours.store.exists(reply["id"])
         stop_hard(ours)                       # only the original can answer now
         status, headers, body = front.fetch(reply["id"])
         assert status == 200 and body == data
         assert headers["content-type"] == "image/png"
+        assert "x-sos-timestamp" not in headers
         status, _, body = front.fetch(sha1(b"absent"))
         assert status == 503                  # ours could not be asked
         assert get_json(front.up.url + "/upload", "POST", b"small")[0] == 200

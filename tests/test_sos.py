@@ -21,8 +21,8 @@ from hypothesis.stateful import (Bundle, RuleBasedStateMachine, initialize,
 
 import blob
 import sos
-from support import (ROOT, Front, InProcess, blob_path, flip_byte, request, sha1,
-                     stop_hard)
+from support import (ROOT, Front, InProcess, blob_path, flip_byte, get_json,
+                     request, sha1, stop_hard)
 
 
 def body_where(predicate, size=200):
@@ -536,8 +536,7 @@ def test_large_corrupt_copy_is_cut_short_never_a_complete_200(make_cluster):
 def test_wrong_port_or_path_is_404_json(make_cluster):
     c = make_cluster()
     blob_id = sha1(b"x")
-    for url, method in ((c.up.url + "/fetch/" + blob_id, "GET"),
-                        (c.down.url + "/upload", "POST"),
+    for url, method in ((c.down.url + "/upload", "POST"),
                         (c.down.url + "/nothing/here", "GET"),
                         (c.up.url + "/", "GET")):
         status, headers, body = request(url, method, b"x" if method == "POST" else None)
@@ -547,6 +546,9 @@ def test_wrong_port_or_path_is_404_json(make_cluster):
 
 def test_wrong_method_is_405(make_cluster):
     c = make_cluster()
+    # The upload port deletes /fetch/<id> but does not serve it.
+    status, headers, body = request(c.up.url + "/fetch/" + sha1(b"x"), "GET")
+    assert status == 405 and headers["allow"] == "DELETE" and b'"error"' in body
     status, headers, body = request(c.up.url + "/upload", "GET")
     assert status == 405 and headers["allow"] == "POST, PUT" and b'"error"' in body
     status, headers, _ = request(c.down.url + "/fetch/" + sha1(b"x"), "DELETE")
@@ -581,12 +583,33 @@ def test_upload_over_max_is_413_before_the_body_is_read(blob_server, make_front)
 
 # --- The cluster against a model ------------------------------------------------------------
 
+DELETE_TOKEN = "machine-delete-token"
+
+
+class DeletingFront(Front):
+    """A Front whose upload port also takes DELETE /fetch/<id>.  Front hands
+    its options to sos.Cluster; the token is the upload server's setting
+    (make_servers' delete_token), read per request."""
+
+    def __init__(self, groups, **options):
+        super().__init__(groups, **options)
+        self.up.srv.delete_token = DELETE_TOKEN
+
+    def delete(self, blob_id, authorization="Bearer " + DELETE_TOKEN):
+        headers = {"Authorization": authorization} if authorization else {}
+        return get_json(self.up.url + "/fetch/" + blob_id, "DELETE", None, headers)
+
+
 class ClusterMachine(RuleBasedStateMachine):
-    """Uploads, fetches, and blob-servers stopping and starting (on the same
-    port, with the same store), against a dict of acknowledged uploads.
+    """Uploads, fetches, deletes, and blob-servers stopping and starting (on
+    the same port, with the same store), against a model: the acknowledged
+    uploads, the ids deleted on every member (200) and those deleted while
+    some member was away (202), which that member may still serve.
 
     A fetch of an acknowledged id gives its bytes while a holder is up and
-    503 while all its holders are down: never wrong bytes, never 404."""
+    503 while all its holders are down: never wrong bytes, never 404.  After
+    a 200 delete no store holds the id and fetch is 404 (503 while a member
+    is down); an upload of the same bytes restores it."""
 
     ids = Bundle("ids")
 
@@ -601,10 +624,12 @@ class ClusterMachine(RuleBasedStateMachine):
             self.stores.append(store)
             self.servers.append(srv)
             self.ports.append(srv.srv.server_port)
-        urls = [s.url for s in self.servers]
-        groups = [sos.Group("g1", urls[:2]), sos.Group("g2", urls[2:])]
-        self.front = Front(groups, timeout=5)
-        self.model = {}
+        self.urls = [s.url for s in self.servers]
+        groups = [sos.Group("g1", self.urls[:2]), sos.Group("g2", self.urls[2:])]
+        self.front = DeletingFront(groups, timeout=5)
+        self.model = {}          # id -> bytes: acknowledged, not deleted since
+        self.maybe = {}          # id -> bytes: deleted (202) while a member was away
+        self.deleted = set()     # deleted (200) on every member
         return multiple(*[self.upload(data) for data in first])
 
     def teardown(self):
@@ -634,6 +659,8 @@ class ClusterMachine(RuleBasedStateMachine):
             assert 1 <= reply["copies"] <= 2
             assert self.holders_up(reply["id"])
             self.model[reply["id"]] = data
+            self.maybe.pop(reply["id"], None)
+            self.deleted.discard(reply["id"])
         else:
             assert status == 503 and "error" in reply
         return sha1(data)
@@ -641,13 +668,53 @@ class ClusterMachine(RuleBasedStateMachine):
     @rule(blob_id=ids)
     def fetch(self, blob_id):
         status, _, body = self.front.fetch(blob_id)
-        event("fetch of an uploaded id: %d" % status)
-        if blob_id not in self.model:           # its upload was refused
-            assert status in (404, 503)
-        elif self.holders_up(blob_id):
-            assert status == 200 and body == self.model[blob_id]
+        event("fetch of %s id: %d" % (
+            "an uploaded" if blob_id in self.model else "a maybe deleted"
+            if blob_id in self.maybe else "a deleted" if blob_id in self.deleted
+            else "a refused", status))
+        if blob_id in self.model:
+            if self.holders_up(blob_id):
+                assert status == 200 and body == self.model[blob_id]
+            else:
+                assert status == 503
+        elif blob_id in self.maybe:
+            assert status in (404, 503) or (status == 200 and body == self.maybe[blob_id])
+        elif all(self.servers):                 # deleted, or its upload refused
+            assert status == 404
         else:
-            assert status == 503
+            assert status in (404, 503)
+
+    @rule(blob_id=ids)
+    def delete(self, blob_id):
+        held = sum(store.exists(blob_id) for store in self.stores)
+        away = [url for url, srv in zip(self.urls, self.servers) if not srv]
+        status, reply = self.front.delete(blob_id)
+        event("delete: %d" % status)
+        if not away:
+            assert status == 200
+            assert (reply["id"], reply["status"], reply["removed"]) == \
+                (blob_id, "deleted", held)
+        elif len(away) < len(self.servers):
+            assert status == 202
+            assert (reply["id"], reply["status"]) == (blob_id, "pending")
+            assert sorted(reply["pending"]) == sorted(away)
+        else:
+            assert status == 503 and "error" in reply
+        if status == 200:
+            self.model.pop(blob_id, None)
+            self.maybe.pop(blob_id, None)
+            self.deleted.add(blob_id)
+        elif status == 202:
+            assert not self.holders_up(blob_id)
+            if blob_id in self.model:
+                self.maybe[blob_id] = self.model.pop(blob_id)
+
+    @rule(blob_id=ids, authorization=st.sampled_from([None, "Bearer wrong"]))
+    def delete_unauthorized(self, blob_id, authorization):
+        held = [store.exists(blob_id) for store in self.stores]
+        status, reply = self.front.delete(blob_id, authorization)
+        assert status == (401 if authorization is None else 403) and "error" in reply
+        assert [store.exists(blob_id) for store in self.stores] == held
 
     @rule(n=st.integers(0, 999))
     def fetch_unknown(self, n):
@@ -675,6 +742,11 @@ class ClusterMachine(RuleBasedStateMachine):
     def acknowledged_blobs_are_stored_somewhere(self):
         for blob_id in getattr(self, "model", {}):
             assert any(s.exists(blob_id) for s in self.stores)
+
+    @invariant()
+    def blobs_deleted_everywhere_are_stored_nowhere(self):
+        for blob_id in getattr(self, "deleted", ()):
+            assert not any(s.exists(blob_id) for s in self.stores)
 
 
 ClusterMachine.TestCase.settings = settings(max_examples=20,

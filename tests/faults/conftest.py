@@ -49,6 +49,11 @@ ROWS = {
     19: "concurrency",
     20: "privilege drop",
     21: "chaos soak",
+    22: "delete, member away",
+    23: "re-upload after delete",
+    24: "upload/delete race",
+    25: "kill -9 mid-delete",
+    26: "crash in delete path",
 }
 
 

@@ -272,10 +272,10 @@ class BlobServer(Program, BlobProcess):
     store.log unless log_path says where."""
 
     def __init__(self, store, *args, log_path=None, **kwargs):
-        # One process, whatever the CPU count: the faults are aimed at (and
+        # One process (support.BlobProcess): the faults are aimed at (and
         # strace, /proc and kill -9 watch) the pid we started.
-        super().__init__(store, "--workers", "1", *args,
-                         log_path=log_path or str(store) + ".log", **kwargs)
+        super().__init__(store, *args, log_path=log_path or str(store) + ".log",
+                         **kwargs)
 
     def post(self, blob_id, body, headers=None, timeout=30):
         return request(self.url + "/blob/" + blob_id, "POST", body, headers, timeout)
@@ -362,7 +362,7 @@ def copied(stdout):
         if line.split()[:3] == ["group", "examined", "copied"]:
             for row in lines[i + 1:]:
                 cells = row.split()
-                if len(cells) == 6 and cells[2].isdigit():
+                if len(cells) == 7 and cells[2].isdigit():
                     total += int(cells[2])
     return total
 
