@@ -156,13 +156,16 @@ tour() {
     expect 404 GET "$base/blob/0000000000000000000000000000000000000000"
     expect 400 GET "$base/blob/NOT-AN-ID"
     expect 404 GET "$base/no/such/route"
-    expect 405 DELETE "$base/blob/$id"
+    expect 405 PATCH "$base/blob/$id"
+    expect 200 POST "$base/blob/smokedelete" --data-binary 'deleted after the chroot'
+    expect 200 DELETE "$base/blob/smokedelete"
+    expect 404 GET "$base/blob/smokedelete"
     expect 422 POST "$base/blob/$id" --data-binary 'not the right bytes'
     expect 200 POST "$base/verify/$id"
     expect 200 GET "$base/alive"
-    pid=$(chrooted_in "$WORK/blob1/data1" | head -n 1)
+    pid=$(chrooted_in "$WORK/blob1/data1" | sed -n 1p)
     [ -n "$pid" ] || fail "blob-server 1 is gone after the API tour"
-    say "ok: blob-server API tour after chroot (blobs, stats, digests, HEAD, Range, 304, 400/404/405/416/422, verify)"
+    say "ok: blob-server API tour after chroot (blobs, stats, digests, HEAD, Range, 304, 400/404/405/416/422, verify, delete)"
 }
 
 # Processes whose root directory is DIR, as "pid:uid" words.
