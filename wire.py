@@ -1149,19 +1149,145 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # --- Talking to blob-servers --------------------------------------------------
 
+class Headers:
+    """A reply's header fields: get() by any case, items() as sent."""
+
+    def __init__(self, pairs):
+        self.pairs = pairs
+        self.index = {name.lower(): value for name, value in pairs}
+
+    def get(self, name, default=None):
+        return self.index.get(name.lower(), default)
+
+    def items(self):
+        return list(self.pairs)
+
+
+class Connection:
+    """One keep-alive connection to a server: a socket and its reader.
+
+    Our own small HTTP/1.1 client: http.client parses every reply's header
+    block with the email package, which cost more than the rest of a small
+    fetch.  It speaks what blob-servers (ours and the Go original's) send:
+    Content-Length, chunked or close-delimited bodies."""
+
+    def __init__(self, url, connect_timeout, timeout, ssl_context):
+        parts = urlsplit(url)
+        self.host = parts.netloc
+        sock = socket.create_connection(
+            (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+            connect_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if parts.scheme == "https":
+                sock = ssl_context.wrap_socket(sock, server_hostname=parts.hostname)
+            sock.settimeout(timeout)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.rfile = sock.makefile("rb")
+
+    def close(self):
+        self.rfile.close()
+        self.sock.close()
+
+    def send(self, method, path, headers, body):
+        head = "".join(["%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, path, self.host)] +
+                       ["%s: %s\r\n" % kv for kv in headers.items()] + ["\r\n"])
+        data = head.encode("latin-1")
+        if isinstance(body, bytes):
+            self.sock.sendall(data + body)
+            return
+        self.sock.sendall(data)
+        for chunk in body or ():
+            self.sock.sendall(chunk)
+
+    def receive(self, method):
+        """Read a reply's status line and headers: (status, Headers, framing)."""
+        while True:
+            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            if not line:
+                raise http.client.RemoteDisconnected("closed without a reply")
+            parts = line.split(None, 2)
+            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or \
+                    not DIGITS.fullmatch(parts[1]):
+                raise http.client.BadStatusLine(line[:100])
+            status = int(parts[1])
+            pairs = []
+            while True:
+                line = self.rfile.readline(MAX_HEADER_BYTES + 1)
+                if line in (b"\r\n", b"\n"):
+                    break
+                name, sep, value = line.partition(b":")
+                if not sep or not line.endswith(b"\n") or len(pairs) > MAX_HEADERS * 2:
+                    raise http.client.HTTPException("bad header %r" % line[:100])
+                pairs.append((name.decode("latin-1").strip(),
+                              value.strip().decode("latin-1")))
+            if status >= 200:     # a 100 Continue is followed by the reply
+                break
+        headers = Headers(pairs)
+        close = "close" in headers.get("connection", "").lower() or \
+            parts[0] == b"HTTP/1.0" and \
+            "keep-alive" not in headers.get("connection", "").lower()
+        if method == "HEAD" or status in (204, 304):
+            length = 0
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            length = None
+        else:
+            cl = headers.get("content-length")
+            length = int(cl) if cl and DIGITS.fullmatch(cl.encode()) else -1
+            close = close or length == -1     # delimited by the close
+        return status, headers, length, close
+
+
 class Reply:
-    """A blob-server's answer: status, headers, and a body to read or stream.
+    """A server's answer: status, headers, and a body to read or stream.
 
     close() hands the connection back to the pool when the body was read to
     its end, and drops it otherwise.  Always close a Reply."""
 
-    def __init__(self, pool, url, conn, resp):
-        self.pool, self.url, self.conn, self.resp = pool, url, conn, resp
-        self.status = resp.status
-        self.headers = resp.headers
+    def __init__(self, pool, url, conn, status, headers, length, will_close):
+        self.pool, self.url, self.conn = pool, url, conn
+        self.status, self.headers = status, headers
+        self.left = length        # body bytes to come; None: chunked; -1: to EOF
+        self.chunk_left = 0
+        self.will_close = will_close
 
     def read(self, n=None):
-        return self.resp.read(n)
+        """Up to n bytes of the body (all of it if n is None); b"" at its end."""
+        if n is None:
+            out = bytearray()
+            while chunk := self.read(CHUNK):
+                out += chunk
+            return bytes(out)
+        rfile = self.conn.rfile
+        if self.left is None:                       # chunked
+            if not self.chunk_left:
+                line = rfile.readline(MAX_CHUNK_LINE)
+                size = line.split(b";", 1)[0].strip()
+                if not HEXDIGITS.fullmatch(size):
+                    raise http.client.IncompleteRead(b"")
+                self.chunk_left = int(size, 16)
+                if not self.chunk_left:
+                    while rfile.readline(MAX_HEADER_BYTES) not in (b"\r\n", b"\n", b""):
+                        pass                        # trailers
+                    self.left = 0
+                    return b""
+            data = rfile.read(min(n, self.chunk_left))
+            if not data:
+                raise http.client.IncompleteRead(b"")
+            self.chunk_left -= len(data)
+            if not self.chunk_left:
+                rfile.readline(3)                   # the chunk's CRLF
+            return data
+        if self.left == -1:
+            return rfile.read1(n) if n else b""
+        data = rfile.read(min(n, self.left))
+        if len(data) < min(n, self.left):
+            raise http.client.IncompleteRead(data, self.left - len(data))
+        self.left -= len(data)
+        return data
 
     def json(self):
         try:
@@ -1172,7 +1298,7 @@ class Reply:
     def close(self):
         if self.conn is None:
             return
-        if self.resp.isclosed() and not self.resp.will_close:
+        if self.left == 0 and not self.will_close:
             self.pool.put(self.url, self.conn)
         else:
             self.conn.close()
@@ -1213,38 +1339,31 @@ class Pool:
                 if time.monotonic() - since < POOL_IDLE:
                     return conn, True
                 conn.close()
-        parts = urlsplit(url)
-        if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(parts.hostname, parts.port,
-                                               timeout=self.connect_timeout,
-                                               context=self.ssl_context)
-        else:
-            conn = http.client.HTTPConnection(parts.hostname, parts.port,
-                                              timeout=self.connect_timeout)
-        conn.connect()
-        conn.sock.settimeout(self.timeout)
-        return conn, False
+        return Connection(url, self.connect_timeout, self.timeout,
+                          self.ssl_context), False
 
     def request(self, url, method, path, body=None, headers=None):
         """Send a request to the blob-server at url; returns a Reply.
 
         body is None, bytes, a callable returning a fresh iterable of chunks
         (so a request on a stale keep-alive connection can be resent), or an
-        iterable that can be sent only once (on a new connection, then).
+        iterable that can be sent only once (on a new connection, then); an
+        iterable needs a Content-Length or Transfer-Encoding in headers.
         Raises OSError (incl. timeouts) and http.client.HTTPException when the
         server can't be reached or answers nonsense."""
         headers = dict(headers or {})
         if self.token:
             headers["Authorization"] = "Bearer " + self.token
+        if isinstance(body, bytes) or (body is None and method in ("POST", "PUT")):
+            headers["Content-Length"] = str(len(body or b""))
         once = not (body is None or isinstance(body, bytes) or callable(body))
         for attempt in (1, 2):
             # The retry takes a new connection: when one idle connection was
             # stale (the blob-server restarted), the others in the pool are too.
             conn, reused = self._connection(url, fresh=once or attempt == 2)
             try:
-                data = body() if callable(body) else body
-                conn.request(method, path, data, headers)
-                return Reply(self, url, conn, conn.getresponse())
+                conn.send(method, path, headers, body() if callable(body) else body)
+                return Reply(self, url, conn, *conn.receive(method))
             except (http.client.RemoteDisconnected, BrokenPipeError,
                     ConnectionResetError):
                 conn.close()
@@ -1253,4 +1372,3 @@ class Pool:
             except BaseException:
                 conn.close()
                 raise
-
