@@ -63,6 +63,7 @@ CONFIG_FILES = ("/etc/sos.conf", "~/.sos.conf")
 DEFAULT_GROUP = "default"
 HEALTH_EVERY = 5.0        # seconds between /stats polls of each blob-server
 SPOOL_IN_MEMORY = 1 << 20
+ORDER_CACHE = 65536       # ids whose placement order is remembered
 DEFAULT_MAX_UPLOAD = "5G"
 DEFAULT_VERIFY_LIMIT = "1M"
 
@@ -231,6 +232,7 @@ class Cluster:
         self.executor = ThreadPoolExecutor(max_workers=64,
                                            thread_name_prefix="upstream")
         self._count_lock = threading.Lock()
+        self._orders = {}
         self._stop = threading.Event()
 
     def close(self):
@@ -302,9 +304,22 @@ class Cluster:
         self.health[member] = dict(self.health.get(member, {}), up=False,
                                    error=str(error))
 
+    def order(self, blob_id):
+        """placement() of blob_id, each group with its members ranked.  It
+        depends on the id and the configuration only, so it is remembered
+        (for ORDER_CACHE ids): the hashing cost a fetch more than its reply."""
+        order = self._orders.get(blob_id)
+        if order is None:
+            order = [(g, rank(blob_id, g.members))
+                     for g in placement(blob_id, self.groups)]
+            if len(self._orders) >= ORDER_CACHE:
+                self._orders.clear()
+            self._orders[blob_id] = order
+        return order
+
     def members(self, blob_id, group):
         """A group's members to ask for blob_id: healthy ones first."""
-        ranked = rank(blob_id, group.members)
+        ranked = next(members for g, members in self.order(blob_id) if g is group)
         return sorted(ranked, key=lambda m: not self.usable(m))
 
     # Upload.
@@ -319,7 +334,7 @@ class Cluster:
         # One time for every copy: each member orders this upload and any
         # delete of the id by it (last writer wins).
         meta = dict(meta, **{"X-Sos-Timestamp": str(time.time_ns())})
-        order = placement(blob_id, self.groups)
+        order = [g for g, _ in self.order(blob_id)]
         # Groups known to be full or down go last, but are still tried:
         # health may be stale, and a late copy beats no copy.
         order.sort(key=lambda g: sum(map(self.usable, g.members)) <
@@ -446,7 +461,7 @@ class Cluster:
         headers = headers or {}
         forward = {k: v for k, v in headers.items() if k in ("range", "if-range")}
         unasked = []
-        for group in placement(blob_id, self.groups):
+        for group, _ in self.order(blob_id):
             for member in self.members(blob_id, group):
                 try:
                     reply = self.pool.request(member, method, "/blob/" + blob_id,

@@ -175,8 +175,10 @@ def blob_metadata(pairs):
     """
     meta = {}
     for name, value in pairs:
+        if name[:2] not in ("X-", "x-"):
+            continue              # most headers: skip before canonicalizing
         key = canonical_header(name)
-        if not key.startswith("X-") or key.startswith(META_EXCLUDED):
+        if key.startswith(META_EXCLUDED):
             continue
         # A hand-edited sidecar may hold numbers or lists: refused, not sent.
         if not isinstance(value, str) or not all(" " <= c <= "~" for c in value):
