@@ -1126,7 +1126,7 @@ class Bench:
             os.unlink(path_b + ".ok")
             for i in rng.sample(range(BLOBS), missing):
                 blob_id = mkstore.blob_id(i)
-                d1, d2 = mkstore.BlobStore.shard(blob_id)
+                d1, d2 = mkstore.shard(blob_id)
                 os.unlink(os.path.join(path_b, d1, d2, blob_id))
             b = self.blob_server("member-b", path_b)
             res = self.replicate(a, b)

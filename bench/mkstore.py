@@ -5,7 +5,7 @@ The bench's rows blob_list and replicate need a store of a million blobs,
 and its random-id GET rows a store of a few thousand 4 KiB blobs (--size
 4096).  Uploading them through a blob-server (or calling BlobStore.put)
 fsyncs every blob and its directory, which takes hours; here each blob is
-one os.open/os.write/os.close into the directory BlobStore.shard() names,
+one os.open/os.write/os.close into the directory wire.shard() names,
 with no fsync, and one sync(2) at the end.  The result is exactly the layout a blob-server writes (a blob-server
 started on it lists, digests and serves it like any other store):
 
@@ -33,13 +33,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-try:
-    from blob import BlobStore  # noqa: E402  (the layout is the blob-server's)
-except ImportError:             # blob.py being rewritten: the on-disk layout
-    class BlobStore:            # is documented and stays <id[0:2]>/<id[2:4]>/<id>
-        @staticmethod
-        def shard(blob_id):
-            return blob_id[:2], blob_id[2:4]
+from wire import shard  # noqa: E402  (the layout is the blob-server's)
 
 BATCH = 20000
 
@@ -67,7 +61,7 @@ def _write_range(root, start, stop, size=None):
     for i in range(start, stop):
         body = blob_body(i, size)
         name = hashlib.sha1(body).hexdigest()
-        leaf = "%s/%s/%s" % ((root,) + BlobStore.shard(name))
+        leaf = "%s/%s/%s" % ((root,) + shard(name))
         if leaf not in made:
             os.makedirs(leaf, exist_ok=True)
             made.add(leaf)
