@@ -449,6 +449,46 @@ class Tracer:
         self.proc.stderr.close()
 
 
+def strike(srv, syscall, k, request, bad):
+    """Send request (raw bytes) to srv while strace kills it at its k-th call
+    of syscall.  Returns (acknowledged, restarted).  A complete reply other
+    than 200, or a server that neither answers nor dies, goes into bad."""
+    tracer = Tracer(srv.pid, "%s:signal=KILL:when=%d" % (syscall, k))
+    try:
+        resp = exchange(srv.url, request, 30)
+    except OSError:
+        resp = None
+    ok = resp is not None and resp.complete and resp.status == 200
+    if not ok and resp is not None and resp.complete:
+        bad.append("%s k=%d: answered %d" % (syscall, k, resp.status))
+    died = not ok
+    if died:
+        try:
+            srv.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            bad.append("%s k=%d: no reply, yet the server lives" % (syscall, k))
+            died = False
+    tracer.stop()
+    restarted = died or not srv.running()
+    if restarted:
+        srv.start()
+    return ok, restarted
+
+
+def kill_at_every_call(sweep, syscalls):
+    """sweep.trial(syscall, k) for k = 1, 2, ... of each syscall, until a
+    trial no longer kills (the operation makes fewer calls); returns
+    {syscall: calls per operation}."""
+    calls = {}
+    for syscall in syscalls:
+        k = 1
+        while sweep.trial(syscall, k):
+            k += 1
+            assert k < 200, "%s: no end to the calls" % syscall
+        calls[syscall] = k - 1
+    return calls
+
+
 # --- Small filesystems ----------------------------------------------------------------
 
 def mount_tmpfs(path, options):

@@ -9,13 +9,12 @@ acknowledged must still be there (I2), and no temp file may survive (I6).
 import os
 import random
 import socket
-import subprocess
 import threading
 import time
 
 import pytest
 
-from .kit import Tracer, exchange, poll, read_response, scaled, sha1
+from .kit import Tracer, kill_at_every_call, poll, read_response, scaled, sha1, strike
 
 
 def upload_bytes(path, body, headers=()):
@@ -219,32 +218,17 @@ class Sweep:
         the number of calls (the upload completed and the server lives)."""
         blob_id, body = self.body()
         self.attempted[blob_id] = body
-        tracer = Tracer(self.srv.pid, "%s:signal=KILL:when=%d" % (syscall, k))
-        try:
-            resp = exchange(self.srv.url, upload_bytes("/blob/" + blob_id, body), 30)
-        except OSError:
-            resp = None
-        ok = resp is not None and resp.complete and resp.status == 200
+        ok, restarted = strike(self.srv, syscall, k,
+                               upload_bytes("/blob/" + blob_id, body), self.bad)
         if ok:
             self.acknowledged[blob_id] = body
-        elif resp is not None and resp.complete:
-            self.bad.append("%s k=%d: answered %d" % (syscall, k, resp.status))
-        died = not ok
-        if died:
-            try:
-                self.srv.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.bad.append("%s k=%d: no reply, yet the server lives" % (syscall, k))
-                died = False
-        tracer.stop()
-        if died or not self.srv.running():
+        if restarted:
             self.killed += 1
-            self.srv.start()
             if blob_id in self.srv.ids() and not ok:
                 self.unacknowledged_but_stored += 1
         v, _, bad = check_store(self.srv, self.acknowledged, self.attempted, self.verified)
         self.bad += ["%s k=%d: %s" % (syscall, k, b) for b in bad]
-        return died
+        return restarted
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -252,13 +236,7 @@ def test_a_kill_at_every_step_of_an_upload_leaves_the_whole_blob_or_nothing(
         procs, figures, rng, case):
     size, kind = CASES[case]
     sweep = Sweep(procs.blob(), size, kind, rng)
-    calls = {}
-    for syscall in SYSCALLS:
-        k = 1
-        while sweep.trial(syscall, k):
-            k += 1
-            assert k < 200, "%s: no end to the calls" % syscall
-        calls[syscall] = k - 1
+    calls = kill_at_every_call(sweep, SYSCALLS)
     print("calls per upload:", calls)
     figures.add(5, sweep.trials, len(sweep.bad), seed=rng.seed_value,
                 note="%s: %d kills" % (case, sweep.killed))

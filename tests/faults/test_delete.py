@@ -20,7 +20,6 @@ import collections
 import os
 import random
 import re
-import subprocess
 import threading
 import time
 
@@ -529,33 +528,18 @@ class DeleteSweep:
         self.trials += 1
         blob_id = self.target()
         self.attempted.add(blob_id)
-        tracer = Tracer(self.srv.pid, "%s:signal=KILL:when=%d" % (syscall, k))
-        try:
-            resp = exchange(self.srv.url, blob_delete_bytes(blob_id, time.time_ns()), 30)
-        except OSError:
-            resp = None
-        ok = resp is not None and resp.complete and resp.status == 200
+        ok, restarted = kit.strike(self.srv, syscall, k,
+                                   blob_delete_bytes(blob_id, time.time_ns()), self.bad)
         if ok:
             self.acknowledged.add(blob_id)
-        elif resp is not None and resp.complete:
-            self.bad.append("%s k=%d: answered %d" % (syscall, k, resp.status))
-        died = not ok
-        if died:
-            try:
-                self.srv.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.bad.append("%s k=%d: no reply, yet the server lives" % (syscall, k))
-                died = False
-        tracer.stop()
-        if died or not self.srv.running():
+        if restarted:
             self.killed += 1
-            self.srv.start()
         # A bad store stays bad: each fault is counted once, where first seen.
         for b in self.check(blob_id):
             if b not in self.seen:
                 self.seen.add(b)
                 self.bad.append("%s k=%d: %s" % (syscall, k, b))
-        return died
+        return restarted
 
     def check(self, blob_id):
         if self.uploaded:
@@ -577,13 +561,7 @@ class DeleteSweep:
 def test_a_kill_at_every_step_of_a_delete_leaves_the_blob_whole_or_deleted(
         procs, figures, rng, case):
     sweep = DeleteSweep(procs.blob(), case, rng)
-    calls = {}
-    for syscall in DELETE_SYSCALLS:
-        k = 1
-        while sweep.trial(syscall, k):
-            k += 1
-            assert k < 200, "%s: no end to the calls" % syscall
-        calls[syscall] = k - 1
+    calls = kit.kill_at_every_call(sweep, DELETE_SYSCALLS)
     print("calls per delete:", calls)
     undone = [b for b in sweep.bad if "acknowledged, then" in b]
     figures.add(26, sweep.trials, len(sweep.bad), len(undone), rng.seed_value,
