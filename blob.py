@@ -69,6 +69,7 @@ import stat
 import sys
 import threading
 import time
+import types
 from http import HTTPStatus
 
 from wire import (CHUNK, MAX_META_BYTES, VERSION, ArgumentParser,
@@ -84,7 +85,8 @@ QUARANTINE_DIR = ".quarantine"
 SPACE_CHECK_EVERY = 16 * 1024 * 1024
 RACY_SECONDS = 2.0        # a leaf changed this recently may change again unseen
 LEAF_FDS = 4096           # leaf directories kept open for reads
-META_CACHE = 65536        # blobs whose metadata (or its absence) is remembered
+META_CACHE = 8192         # blobs whose metadata (or its absence) is remembered
+NO_META = types.MappingProxyType({})   # no metadata, shared, read-only
 TOMBSTONE = ".deleted"    # <id>.deleted: the id was deleted at the file's mtime
 DEFAULT_RECLAIM_AGE = "7d"
 
@@ -320,7 +322,8 @@ class BlobStore:
                         raise Missing(blob_id)
                 if len(self._meta) >= META_CACHE:
                     self._meta.clear()
-                self._meta[key] = meta
+                # Most blobs have no metadata: they share one empty mapping.
+                self._meta[key] = meta or NO_META
         except BaseException:
             os.close(fd)
             raise
