@@ -49,6 +49,7 @@ VERSION = "1.0.0"
 
 ID_RE = re.compile(r"[a-z0-9]{1,128}")
 HEX_RE = re.compile(r"[0-9a-f]+")
+RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 CONTENT_HASHES = {40: hashlib.sha1, 64: hashlib.sha256}
 PAD = "-"                 # pads short ids in shard names; sorts before [a-z0-9]
 CHUNK = 256 * 1024
@@ -231,8 +232,8 @@ def http_range(headers, etag, size, method="GET"):
     status = precondition(headers, etag)
     if status:
         return status, 0, 0, []
-    rng = headers.get("range", "") if method == "GET" else ""
-    m = re.fullmatch(r"bytes=([0-9]*)-([0-9]*)", rng.strip())
+    rng = headers.get("range") if method == "GET" else None
+    m = rng and RANGE.fullmatch(rng.strip())
     if not m or (not m.group(1) and not m.group(2)) or (
             headers.get("if-range") and headers["if-range"] != '"%s"' % etag):
         return HTTPStatus.OK, 0, size, []
