@@ -422,11 +422,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             # its deadline, so a silent client can't stall the accept loop.
             self.server.set_deadline(self, HEAD_TIMEOUT)
             try:
-                self.request = self.server.tls.wrap_socket(self.request,
-                                                           server_side=True)
+                # The handshake runs on self.request, so the reaper can
+                # reach the socket it is blocked on (wrap_socket's own
+                # handshake would hide it until done).
+                self.request = self.server.tls.wrap_socket(
+                    self.request, server_side=True, do_handshake_on_connect=False)
+                self.request.do_handshake()
             except OSError as e:
-                # wrap_socket has closed the connection: nothing more to set up.
                 log.info("TLS handshake with %s failed: %s", self.client_address[0], e)
+                self.request.close()
                 self.tls_failed = True
                 return
         super().setup()
@@ -908,7 +912,9 @@ class Server(http.server.ThreadingHTTPServer):
                 late = [h for h, (d, _) in self._watched.items() if d and d < now]
             for h in late:
                 try:
-                    h.connection.shutdown(socket.SHUT_RDWR)
+                    # h.request, not h.connection: during a TLS handshake
+                    # (in setup) only the former exists.
+                    h.request.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
 

@@ -9,6 +9,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -176,6 +177,24 @@ def certificate(tmp_path):
                     "subjectAltName=IP:127.0.0.1,DNS:localhost"],
                    check=True, capture_output=True, timeout=60)
     return str(cert), str(key)
+
+
+def test_a_silent_tls_client_is_cut_off_at_the_head_deadline(blob_server, certificate):
+    # Nothing is sent, so the handshake never ends: the reaper must close the
+    # connection (a socket timeout no longer does), and go on reaping.
+    cert, key = certificate
+    srv = blob_server()
+    srv.srv.tls = wire.tls_context(cert, key)
+    port = srv.srv.server_port
+    start = time.monotonic()
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=30)
+              for _ in range(2)]
+    try:
+        assert [s.recv(1) for s in silent] == [b"", b""]
+    finally:
+        for s in silent:
+            s.close()
+    assert time.monotonic() - start < wire.HEAD_TIMEOUT + 2
 
 
 def test_tls_blob_server_and_sos_server_over_https(blob_server, certificate):
