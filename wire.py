@@ -741,12 +741,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         # Logged before it is sent: once a client has the reply, the log
         # has the line.
         self.log_request(int(status), length if length is not None else "-")
+        # The client must take the reply at MIN_RATE (after RATE_GRACE), or
+        # the reaper cuts it off: sockets have no timeout of their own.
+        self.server.set_deadline(self, RATE_GRACE + (length or 0) / MIN_RATE)
         self.wfile.write("".join(out).encode("latin-1") + first)
         self.head_sent = True
         self.status = int(status)
         self.sent = length or 0
-        if length:
-            self.server.set_deadline(self, RATE_GRACE + length / MIN_RATE)
 
     def send(self, status, headers=(), body=b"", length=None):
         """Send a reply; HEAD gets the same head and no body.

@@ -1103,3 +1103,19 @@ def test_planted_symlinks_are_not_followed(blob_server, tmp_path):
     assert get_json(srv.url + "/digests")[1] == {}
     for status in statuses:
         assert status == 500
+
+
+def test_a_client_that_stops_reading_replies_is_cut_off(blob_server):
+    # Sockets have no timeout: the reply's own deadline (RATE_GRACE plus its
+    # length at MIN_RATE) must end a connection whose client never reads.
+    srv = blob_server()
+    srv.store.put("big", [b"x" * 60000])
+    sock = socket.create_connection(("127.0.0.1", srv.srv.server_port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        sock.sendall(b"GET /blob/big HTTP/1.1\r\nHost: x\r\n\r\n" * 300)
+        wait_for(lambda: srv.srv._watched, what="the connection to be served")
+        wait_for(lambda: not srv.srv._watched, timeout=wire.RATE_GRACE + 10,
+                 what="the stalled connection to be closed")
+    finally:
+        sock.close()
