@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
-has_dav() { command -v nginx >/dev/null && nginx -V 2>&1 | grep -q -- --with-http_dav_module; }
+has_dav() { command -v nginx >/dev/null && [[ "$(nginx -V 2>&1)" == *--with-http_dav_module* ]]; }
 
 need=()
 command -v wrk >/dev/null || need+=(wrk)

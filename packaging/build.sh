@@ -71,7 +71,7 @@ ensure_apt_packages() {
     pyver=$("$BUILD_PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
         || die "$BUILD_PYTHON is not a working Python (apt-get install python3)"
     for p in patchelf binutils "python$pyver-venv" "libpython$pyver"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+        [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" == *"ok installed"* ]] || missing+=("$p")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
     [ "$(id -u)" -eq 0 ] || die "missing Debian packages: ${missing[*]} (run as root, or apt-get install them)"
@@ -111,7 +111,9 @@ build_one() {
     # ctypes.CDLL("libgcc_s.so.1") before chrooting.  staticx does not carry
     # it, and PyInstaller only does when it spots that literal call: bundle it
     # explicitly, so the preload always finds it in the unpacked directory.
-    libgcc=$(ldconfig -p | awk '/libgcc_s\.so\.1 .*x86-64/ { print $NF; exit }')
+    # awk reads to the end: a reader that quits early would kill ldconfig
+    # with SIGPIPE, and under pipefail the whole build (exit 141, seen in CI).
+    libgcc=$(ldconfig -p | awk '/libgcc_s\.so\.1 .*x86-64/ && !found { print $NF; found = 1 }')
     [ -n "$libgcc" ] || die "libgcc_s.so.1 not found (apt-get install libgcc-s1)"
     args+=(--add-binary "$libgcc:.")
     say "$name: pyinstaller $script"
@@ -138,7 +140,7 @@ check_one() {
     ms=$(for _ in 1 2 3; do
             s=$(date +%s%N); "$bin" --help >/dev/null; e=$(date +%s%N)
             echo $(((e - s) / 1000000))
-         done | sort -n | head -1)
+         done | sort -n | sed -n 1p)
     [ "$ms" -le "$MAX_HELP_MS" ] || say "WARNING: $name --help took $ms ms (budget $MAX_HELP_MS ms)"
     printf '%-14s %6.1f MB  --help %4d ms  %s\n' "$name" "$(awk -v s="$size" 'BEGIN { print s / 1048576 }')" "$ms" "$("$bin" --version 2>&1)"
 }
