@@ -300,30 +300,31 @@ class BlobStore:
         remembered by (inode, ctime), which a new file never shares."""
         if not valid_id(blob_id):
             raise InvalidId(blob_id)
+        key = shard(blob_id)
         for retry in (False, True):
-            entry = self._leaf_fds.get(shard(blob_id),
-                                       lambda: self._leaf_fd(blob_id))
+            entry = self._leaf_fds.get(key, lambda: self._leaf_fd(blob_id))
             try:
-                fd, st = self._open_fd(entry[0], blob_id)
-                break
+                return self._get_in(entry[0], blob_id)
             except Missing:
                 if retry or os.fstat(entry[0]).st_nlink:
                     raise
-                self._leaf_fds.drop(shard(blob_id), entry)
+                self._leaf_fds.drop(key, entry)
             finally:
                 self._leaf_fds.put(entry)
+
+    def _get_in(self, leaf, blob_id):
+        fd, st = self._open_fd(leaf, blob_id)
         try:
             key = (st.st_ino, st.st_ctime_ns)
             meta = self._meta.get(key)
             if meta is None:
-                with self._leaf(blob_id) as leaf:
-                    meta = self._metadata_in(leaf, blob_id)
-                    if self._tombstoned(leaf, blob_id, st):
-                        raise Missing(blob_id)
+                if self._tombstoned(leaf, blob_id, st):
+                    raise Missing(blob_id)
+                # Most blobs have no metadata: they share one empty mapping.
+                meta = self._metadata_in(leaf, blob_id) or NO_META
                 if len(self._meta) >= META_CACHE:
                     self._meta.clear()
-                # Most blobs have no metadata: they share one empty mapping.
-                self._meta[key] = meta or NO_META
+                self._meta[key] = meta
         except BaseException:
             os.close(fd)
             raise

@@ -38,7 +38,6 @@ imports: it exists once.  Run it as:
 
 import collections
 import hashlib
-import hmac
 import html
 import http.client
 import json
@@ -500,8 +499,8 @@ class Cluster:
             meta = blob_metadata(reply.headers.items())
         except ValueError:
             meta = {}           # a blob-server sent what it should not have
-        extra = [(k, v) for k, v in reply.headers.items()
-                 if k.lower() == "content-range"]
+        ranged = reply.headers.get("Content-Range")
+        extra = [("Content-Range", ranged)] if ranged else []
         length = reply.headers.get("Content-Length")
         length = int(length) if length and length.isdigit() else None
         hasher = content_hash(blob_id)
@@ -635,14 +634,19 @@ def spool(chunks, spool_dir=None, in_memory=SPOOL_IN_MEMORY):
 
 # --- HTTP front ------------------------------------------------------------------
 
-class UploadHandler(Handler):
+class FrontHandler(Handler):
+    """The upload and download ports' common ground: the cluster's errors."""
+
+    exceptions = {**Handler.exceptions,
+                  Unavailable: (HTTPStatus.SERVICE_UNAVAILABLE, None)}
+
+
+class UploadHandler(FrontHandler):
     routes = {("POST", "upload"): "do_upload", ("PUT", "upload"): "do_upload",
               ("DELETE", "fetch"): "do_delete"}
     # A delete needs the delete token, which do_delete checks, and not the
     # upload token: upload access alone must not be enough to delete.
     open_routes = ("fetch",)
-    exceptions = {**Handler.exceptions,
-                  Unavailable: (HTTPStatus.SERVICE_UNAVAILABLE, None)}
 
     def do_upload(self):
         srv = self.server
@@ -679,15 +683,14 @@ class UploadHandler(Handler):
                                        "status": "OK", "copies": copies})
 
     def do_delete(self):
-        token, given = self.server.delete_token, self.headers.get("authorization")
+        token = self.server.delete_token
         if not token:
             raise HTTPError(HTTPStatus.FORBIDDEN, "deletes are off: start "
                             "sos-server with --delete-token FILE to enable them")
-        if not given:
+        if "authorization" not in self.headers:
             raise HTTPError(HTTPStatus.UNAUTHORIZED, "deletes need the delete "
                             "token", [("WWW-Authenticate", "Bearer")])
-        if not hmac.compare_digest(given.encode("latin-1"),
-                                   b"Bearer " + token.encode()):
+        if not self.authorized(token):
             raise HTTPError(HTTPStatus.FORBIDDEN, "wrong delete token")
         removed, pending = self.server.cluster.delete(self.rest)
         self.send_json(HTTPStatus.ACCEPTED if pending else HTTPStatus.OK, dict(
@@ -695,10 +698,8 @@ class UploadHandler(Handler):
             if pending else {"status": "deleted", "removed": removed}))
 
 
-class DownloadHandler(Handler):
+class DownloadHandler(FrontHandler):
     routes = {("GET", "fetch"): "do_fetch"}
-    exceptions = {**Handler.exceptions,
-                  Unavailable: (HTTPStatus.SERVICE_UNAVAILABLE, None)}
 
     def do_fetch(self):
         blob_id, _, ext = self.rest.partition(".")

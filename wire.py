@@ -606,11 +606,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise HTTPError(HTTPStatus.NOT_FOUND, "Invalid method or location.")
         self.route = first
         token = self.server.token
-        if token and first not in self.open_routes:
-            given = self.headers.get("authorization", "").encode("latin-1")
-            if not hmac.compare_digest(given, b"Bearer " + token.encode()):
-                raise HTTPError(HTTPStatus.UNAUTHORIZED, "missing or wrong token",
-                                [("WWW-Authenticate", "Bearer")])
+        if token and first not in self.open_routes and not self.authorized(token):
+            raise HTTPError(HTTPStatus.UNAUTHORIZED, "missing or wrong token",
+                            [("WWW-Authenticate", "Bearer")])
         try:
             getattr(self, method)()
         except Exception as e:
@@ -618,6 +616,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if mapped is None:
                 raise
             raise HTTPError(mapped[0], mapped[1] or str(e)) from None
+
+    def authorized(self, token):
+        """Does the request carry `Authorization: Bearer <token>`?  Compared
+        in constant time, so a guess learns nothing from the reply's timing."""
+        given = self.headers.get("authorization", "").encode("latin-1")
+        return hmac.compare_digest(given, b"Bearer " + token.encode())
 
     def params(self):
         """Query parameters as {name: last value}."""

@@ -10,8 +10,8 @@ import pytest
 
 # support.py (the tests' one support module) puts the repository root on
 # sys.path first.  The names it lends here stay importable from conftest.
-from support import (ROOT, BlobProcess, Front, InProcess, get_json,  # noqa: F401
-                     request, wait_for)
+from support import (ROOT, BlobProcess, Front, InProcess, blob_servers,  # noqa: F401
+                     get_json, request, wait_for)
 
 import blob  # noqa: E402  (after support: it needs ROOT on sys.path)
 import sos  # noqa: E402
@@ -21,19 +21,8 @@ import sos  # noqa: E402
 def blob_server(tmp_path):
     """Factory: start an in-process blob-server; returns its InProcess with
     .url and .store (a BlobStore)."""
-    started = []
-
-    def start(name="store", **kwargs):
-        store = blob.BlobStore(str(tmp_path / name), **kwargs)
-        store.recover()
-        srv = InProcess(blob.make_server(("127.0.0.1", 0), store))
-        srv.store = store
-        started.append(srv)
-        return srv
-    yield start
-    for srv in started:
-        srv.stop()
-        srv.store.close()
+    with blob_servers(tmp_path) as start:
+        yield start
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ raw sockets, strace and /proc figures on top of the launcher here.
                             is parsed in one place (BANNER)
 """
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -35,6 +36,7 @@ BLOB_PY = os.path.join(ROOT, "blob.py")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import blob  # noqa: E402
 import sos  # noqa: E402
 import wire  # noqa: E402
 
@@ -125,6 +127,28 @@ class InProcess:
     def stop(self):
         self.srv.shutdown()
         self.srv.server_close()
+
+
+@contextlib.contextmanager
+def blob_servers(root):
+    """A factory of in-process blob-servers, start(name, **BlobStore options),
+    each with its store under root; returns an InProcess with .url and .store
+    (a BlobStore).  All are stopped when the block ends."""
+    started = []
+
+    def start(name="store", **kwargs):
+        store = blob.BlobStore(os.path.join(str(root), name), **kwargs)
+        store.recover()
+        srv = InProcess(blob.make_server(("127.0.0.1", 0), store))
+        srv.store = store
+        started.append(srv)
+        return srv
+    try:
+        yield start
+    finally:
+        for srv in started:
+            srv.stop()
+            srv.store.close()
 
 
 def stop_hard(srv):

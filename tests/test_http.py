@@ -19,12 +19,18 @@ import os
 import socket
 import subprocess
 import sys
+from configparser import ConfigParser
 
 import pytest
+# REDbot is a test dependency (requirements-test.txt): missing, the suite
+# fails to collect rather than skip what it is here to check.
+import thor
+from httplint.note import levels
+from redbot.resource import HttpResource
+from redbot.resource.fetch import RedHttpClient
 
-import blob
 import sos
-from conftest import ROOT, InProcess, request
+from conftest import ROOT, InProcess, blob_servers, request
 from helpers import Front, stop_hard
 
 
@@ -750,22 +756,10 @@ REDBOT_CASES = [
 def redbot_site(tmp_path_factory):
     """One site for every REDbot case: REDbot only reads, bar two uploads of
     NEW, and a site per case would cost more than the checks."""
-    pytest.importorskip("redbot.resource")
-    started = []
-
-    def blob_server(name):
-        store = blob.BlobStore(str(tmp_path_factory.mktemp(name)))
-        store.recover()
-        srv = InProcess(blob.make_server(("127.0.0.1", 0), store))
-        srv.store = store
-        started.append(srv)
-        return srv
-    s = Site(blob_server)
-    yield s
-    s.stop()
-    for srv in started:
-        srv.stop()
-        srv.store.close()
+    with blob_servers(tmp_path_factory.mktemp("redbot")) as start:
+        s = Site(start)
+        yield s
+        s.stop()
 
 
 def redbot_notes(site, server, path, method, headers, body):
@@ -777,12 +771,6 @@ def redbot_notes(site, server, path, method, headers, body):
     If-Modified-Since revalidation when there is an ETag / Last-Modified.
     Their notes count too.  Each note is (class, level, subject, check,
     summary)."""
-    import thor
-    from configparser import ConfigParser
-    from httplint.note import levels
-    from redbot.resource import HttpResource
-    from redbot.resource.fetch import RedHttpClient
-
     config = ConfigParser()
     config.read_dict({"redbot": {"enable_local_access": "True"}})   # loopback
     resource = HttpResource(config["redbot"])
