@@ -1365,24 +1365,60 @@ class Pool:
         iterable needs a Content-Length or Transfer-Encoding in headers.
         Raises OSError (incl. timeouts) and http.client.HTTPException when the
         server can't be reached or answers nonsense."""
+        return self.send(url, method, path, body, headers).reply()
+
+    def send(self, url, method, path, body=None, headers=None):
+        """Send a request (as request()) without waiting for its reply: an
+        Exchange, whose reply() is the Reply.  A caller sends to several
+        servers, then reads their replies: they work at once, on one thread."""
         headers = dict(headers or {})
         if self.token:
             headers["Authorization"] = "Bearer " + self.token
         if isinstance(body, bytes) or (body is None and method in ("POST", "PUT")):
             headers["Content-Length"] = str(len(body or b""))
-        once = not (body is None or isinstance(body, bytes) or callable(body))
-        for attempt in (1, 2):
+        return Exchange(self, url, method, path, body, headers)
+
+
+class Exchange:
+    """A request sent on a pooled connection, its reply still to come."""
+
+    def __init__(self, pool, url, method, path, body, headers):
+        self.pool, self.url, self.method = pool, url, method
+        self.request = (method, path, headers, body)
+        # Only a body that can be sent again may go on a reused connection.
+        self.once = not (body is None or isinstance(body, bytes) or callable(body))
+        self._send(fresh=self.once)
+
+    def _send(self, fresh):
+        self.conn, self.reused = self.pool._connection(self.url, fresh)
+        method, path, headers, body = self.request
+        try:
+            self.conn.send(method, path, headers, body() if callable(body) else body)
+        except (BrokenPipeError, ConnectionResetError):
             # The retry takes a new connection: when one idle connection was
             # stale (the blob-server restarted), the others in the pool are too.
-            conn, reused = self._connection(url, fresh=once or attempt == 2)
-            try:
-                conn.send(method, path, headers, body() if callable(body) else body)
-                return Reply(self, url, conn, *conn.receive(method))
-            except (http.client.RemoteDisconnected, BrokenPipeError,
-                    ConnectionResetError):
-                conn.close()
-                if not reused or attempt == 2:
-                    raise
-            except BaseException:
-                conn.close()
+            self.conn.close()
+            if not self.reused:
                 raise
+            self._send(fresh=True)
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def fileno(self):
+        return self.conn.sock.fileno()
+
+    def reply(self):
+        """Wait for the reply's head: a Reply (close it)."""
+        try:
+            return Reply(self.pool, self.url, self.conn,
+                         *self.conn.receive(self.method))
+        except (http.client.RemoteDisconnected, ConnectionResetError):
+            self.conn.close()
+            if not self.reused:
+                raise
+            self._send(fresh=True)
+            return self.reply()
+        except BaseException:
+            self.conn.close()
+            raise
