@@ -60,6 +60,7 @@ import errno
 import fcntl
 import grp
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -205,6 +206,8 @@ class BlobStore:
         # A blob's metadata never changes while its file lives: remembered
         # by (inode, ctime), which a new file under the same name never shares.
         self._meta = {}
+        self._tmp_prefix = os.urandom(8).hex()
+        self._tmp_count = itertools.count()
 
     def close(self):
         self._leaf_fds.close()
@@ -393,15 +396,19 @@ class BlobStore:
             raise NoSpace("disk full")
 
     def _temp(self):
-        """Create a fresh temp file in .tmp/: returns (name, fd)."""
+        """Create a fresh temp file in .tmp/: returns (name, fd).
+
+        Names are a random prefix and a counter: no syscall to make one.
+        Forked workers start with the same prefix; the first name one of
+        them finds taken draws that worker a new prefix."""
         while True:
-            name = "%d.%s.tmp" % (os.getpid(), os.urandom(8).hex())
+            name = "%s.%d.tmp" % (self._tmp_prefix, next(self._tmp_count))
             try:
                 return name, os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
                                      | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
                                      dir_fd=self.tmp_fd)
             except FileExistsError:
-                continue
+                self._tmp_prefix = os.urandom(8).hex()
 
     def _write_temp(self, chunks, hasher=None, mtime=None):
         """Stream chunks into a new fsynced temp file, its mtime set to
@@ -467,20 +474,19 @@ class BlobStore:
                     # that the next upload of this id adopts: still one writer's.
                     mtmp, _ = self._write_temp([json.dumps(meta).encode()])
                     self._link(mtmp, leaf, blob_id + ".json")
-                ino = os.stat(tmp, dir_fd=self.tmp_fd).st_ino
-                if hasher:
+                if hasher or not old:
                     if old and old.st_mtime_ns > ts:
                         self._touch(self.tmp_fd, tmp, old.st_mtime_ns)
+                    # The leaf is locked: nothing else may change blob_id.
                     os.rename(tmp, blob_id, src_dir_fd=self.tmp_fd, dst_dir_fd=leaf)
-                elif not old:
-                    self._link(tmp, leaf, blob_id)
+                    tmp = None
                 elif old.st_mtime_ns < ts:
                     self._touch(leaf, blob_id, ts)
                 try:
                     os.fsync(leaf)
                 except OSError:
                     if not old:
-                        self._take_back(leaf, blob_id, ino)
+                        self._take_back(leaf, blob_id)
                     raise
                 if tomb:
                     # Only once the blob is durable: a crash before this
@@ -488,10 +494,9 @@ class BlobStore:
                     os.unlink(blob_id + TOMBSTONE, dir_fd=leaf)
                     os.fsync(leaf)
         finally:
-            try:
-                os.unlink(tmp, dir_fd=self.tmp_fd)
-            except FileNotFoundError:
-                pass
+            if tmp:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=self.tmp_fd)
         return size, True
 
     def delete(self, blob_id, timestamp=None):
@@ -567,13 +572,12 @@ class BlobStore:
             os.unlink(tmp, dir_fd=self.tmp_fd)
 
     @staticmethod
-    def _take_back(leaf, name, ino):
-        """Unlink name if it is still the file this upload put there: when
-        its directory fails to fsync, the upload fails (5xx), and a failed
-        upload must leave nothing behind.  A concurrent writer's file stays."""
+    def _take_back(leaf, name):
+        """Unlink the file this upload put at name (the leaf is locked, so
+        it is still this upload's): when its directory fails to fsync, the
+        upload fails (5xx), and a failed upload must leave nothing behind."""
         try:
-            if os.stat(name, dir_fd=leaf, follow_symlinks=False).st_ino == ino:
-                os.unlink(name, dir_fd=leaf)
+            os.unlink(name, dir_fd=leaf)
         except OSError as e:
             log.error("cannot take back %s after a failed fsync: %s", name, e)
 
@@ -607,7 +611,7 @@ class BlobStore:
     def quarantine(self, blob_id):
         """Move a blob (and its sidecar) into .quarantine/; never deletes."""
         stamp = "%d" % time.time_ns()
-        with self._leaf(blob_id) as leaf:
+        with self._leaf(blob_id, lock=True) as leaf:
             for name in (blob_id, blob_id + ".json"):
                 try:
                     os.rename(name, "%s.%s" % (name, stamp), src_dir_fd=leaf,
