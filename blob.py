@@ -76,9 +76,9 @@ from http import HTTPStatus
 from wire import (CHUNK, MAX_META_BYTES, VERSION, ArgumentParser,
                   FilePart, Handler, HTTPError, InvalidId, Metrics,
                   Missing, Corrupt, Server, add_server_args, blob_headers,
-                  blob_metadata, compatible, content_hash, http_range,
-                  parse_size, read_token, serve_workers, setup_logging, shard,
-                  tls_context, valid_id)
+                  blob_metadata, compatible, content_hash, hash_update,
+                  http_range, parse_size, read_token, serve_workers,
+                  setup_logging, shard, tls_context, valid_id)
 
 DEFAULT_PORT = 3001
 TMP_DIR = ".tmp"
@@ -422,7 +422,7 @@ class BlobStore:
                 while view:
                     view = view[os.write(fd, view):]
                 if hasher:
-                    hasher.update(chunk)
+                    hash_update(hasher, chunk)
                 size += len(chunk)
                 if self.max_size is not None and size > self.max_size:
                     raise TooLarge("larger than %d bytes" % self.max_size)

@@ -57,8 +57,8 @@ from urllib.parse import urlsplit
 from wire import (CHUNK, READ_TIMEOUT, VERSION, ArgumentParser, Corrupt,
                   Handler, HTTPError, InvalidId, Metrics, Missing, Pool, Server,
                   add_server_args, blob_headers, blob_metadata, content_hash,
-                  parse_size, precondition, read_token, serve_workers,
-                  setup_logging, tls_context, valid_id)
+                  hash_update, parse_size, precondition, read_token,
+                  serve_workers, setup_logging, tls_context, valid_id)
 
 CONFIG_FILES = ("/etc/sos.conf", "~/.sos.conf")
 DEFAULT_GROUP = "default"
@@ -561,7 +561,7 @@ class Cluster:
             if not chunk:
                 break
             head += chunk
-        h.update(head)
+        hash_update(h, head)
         if chunk:
             return (reply.status, meta, extra, length,
                     Body(reply, bytes(head), h, blob_id))
@@ -609,7 +609,7 @@ class Body:
             try:
                 while not stop.is_set():
                     chunk = self.reply.read(BIG_CHUNK)
-                    self.hasher.update(chunk)
+                    hash_update(self.hasher, chunk)
                     put(chunk)
                     if not chunk:
                         return
@@ -659,7 +659,7 @@ def spool(chunks, spool_dir=None, in_memory=SPOOL_IN_MEMORY):
     size = 0
     try:
         for chunk in chunks:
-            h.update(chunk)
+            hash_update(h, chunk)
             size += len(chunk)
             if f is None:
                 buf += chunk

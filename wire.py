@@ -54,6 +54,7 @@ CONTENT_HASHES = {40: hashlib.sha1, 64: hashlib.sha256}
 PAD = "-"                 # pads short ids in shard names; sorts before [a-z0-9]
 CHUNK = 256 * 1024
 SMALL_BODY = 64 * 1024    # replies up to this size go out in a single write
+HASH_KEEPS_GIL = 16 * 1024   # hash_update: hashed in 2 KiB pieces up to this
 
 # Metadata: X-* headers stored with a blob.  Proxy and our own headers are not.
 META_EXCLUDED = ("X-Forwarded-", "X-Real-Ip", "X-Sos-", "X-Cluster-",
@@ -145,6 +146,18 @@ def content_hash(blob_id):
     """The hash constructor an id commits to (SHA-1, SHA-256), else None."""
     ctor = CONTENT_HASHES.get(len(blob_id))
     return ctor if ctor and HEX_RE.fullmatch(blob_id) else None
+
+
+def hash_update(h, data):
+    """h.update(data), keeping the GIL for small data: hashlib lets go of it
+    for 2 KiB or more, and under load taking it back cost a small fetch
+    more than hashing (9% of a 4 KiB fetch's GIL-holding samples)."""
+    if len(data) > HASH_KEEPS_GIL:
+        h.update(data)
+        return
+    view = memoryview(data)
+    for i in range(0, len(view), 2047):
+        h.update(view[i:i + 2047])
 
 
 def shard(blob_id):
