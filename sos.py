@@ -55,7 +55,7 @@ from http import HTTPStatus
 from urllib.parse import urlsplit
 
 from wire import (CHUNK, READ_TIMEOUT, VERSION, ArgumentParser, Corrupt,
-                  Handler, HTTPError, InvalidId, Metrics, Missing, Pool, Server,
+                  FilePart, Handler, HTTPError, InvalidId, Metrics, Missing, Pool, Server,
                   add_server_args, blob_headers, blob_metadata, content_hash,
                   hash_update, parse_size, precondition, read_token,
                   serve_workers, setup_logging, tls_context, valid_id)
@@ -419,13 +419,11 @@ class Cluster:
     def _send(self, member, body, size, blob_id, headers):
         """POST the blob (bytes, or a file descriptor this closes) to one
         member; True if it is now durably there."""
-        def data():
-            for offset in range(0, size, CHUNK):
-                yield os.pread(body, CHUNK, offset)
         try:
-            exchange = self.pool.send(member, "POST", "/blob/" + blob_id,
-                                      body if isinstance(body, bytes) else data,
-                                      headers)
+            exchange = self.pool.send(
+                member, "POST", "/blob/" + blob_id,
+                body if isinstance(body, bytes) else FilePart(body, 0, size),
+                headers)
             return self._stored(member, exchange, blob_id)
         except (OSError, http.client.HTTPException) as e:
             self.unreachable(member, "upload", blob_id, e)

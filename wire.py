@@ -292,6 +292,12 @@ class FilePart:
     def __init__(self, fd, offset, count):
         self.fd, self.offset, self.count = fd, offset, count
 
+    def chunks(self):
+        """The bytes by pread: no file position, which dup'ed fds share."""
+        end = self.offset + self.count
+        for offset in range(self.offset, end, CHUNK):
+            yield os.pread(self.fd, min(CHUNK, end - offset), offset)
+
 class Tally:
     """One connection's request figures, kept without a lock: only its own
     thread writes them.  Histogram counts are per bucket, not cumulative."""
@@ -1227,6 +1233,15 @@ class Connection:
             self.sock.sendall(data + body)
             return
         self.sock.sendall(data)
+        if isinstance(body, FilePart):
+            if isinstance(self.sock, ssl.SSLSocket):
+                body = body.chunks()        # TLS can't sendfile
+            else:
+                # No copy through our memory.  os.sendfile takes the offset,
+                # so senders sharing the fd (dup'ed) don't race on it.
+                with open(body.fd, "rb", closefd=False) as f:
+                    self.sock.sendfile(f, body.offset, body.count)
+                return
         for chunk in body or ():
             self.sock.sendall(chunk)
 
@@ -1372,10 +1387,11 @@ class Pool:
     def request(self, url, method, path, body=None, headers=None):
         """Send a request to the blob-server at url; returns a Reply.
 
-        body is None, bytes, a callable returning a fresh iterable of chunks
-        (so a request on a stale keep-alive connection can be resent), or an
-        iterable that can be sent only once (on a new connection, then); an
-        iterable needs a Content-Length or Transfer-Encoding in headers.
+        body is None, bytes, a FilePart (sent with sendfile), a callable
+        returning a fresh iterable of chunks (so a request on a stale
+        keep-alive connection can be resent), or an iterable that can be sent
+        only once (on a new connection, then); a FilePart or an iterable needs
+        a Content-Length or Transfer-Encoding in headers.
         Raises OSError (incl. timeouts) and http.client.HTTPException when the
         server can't be reached or answers nonsense."""
         return self.send(url, method, path, body, headers).reply()
@@ -1399,7 +1415,8 @@ class Exchange:
         self.pool, self.url, self.method = pool, url, method
         self.request = (method, path, headers, body)
         # Only a body that can be sent again may go on a reused connection.
-        self.once = not (body is None or isinstance(body, bytes) or callable(body))
+        self.once = not (body is None or isinstance(body, (bytes, FilePart))
+                         or callable(body))
         self._send(fresh=self.once)
 
     def _send(self, fresh):

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import blob
 import wire
-from support import BLOB_PY, BlobProcess, blob_path, get_json, request, wait_for
+from support import BLOB_PY, BlobProcess, blob_path, get_json, request, sha1, wait_for
 
 SPEC_ID = re.compile(r"[a-z0-9]{1,128}")     # the issue's id rule, restated
 PROXY_AND_INTERNAL = ("X-Forwarded-", "X-Real-Ip", "X-Sos-", "X-Cluster-")
@@ -184,6 +184,27 @@ def test_post_get_head_round_trip_with_content_length(blob_server):
     assert head_headers["etag"] == headers["etag"]
     with open(blob_path(srv.store.root, "abc123"), "rb") as f:
         assert f.read() == data     # one plain file holding the exact bytes
+
+
+@pytest.mark.parametrize("extra", [0, 4097])
+def test_large_bodies_written_past_the_page_cache_round_trip_exactly(blob_server, extra):
+    """DIRECT_MIN and up goes through blob.DirectWriter (O_DIRECT blocks, the
+    tail through the page cache): a body of whole blocks, and one with a
+    tail, under a content id and a plain one."""
+    srv = blob_server()
+    data = os.urandom(blob.DIRECT_MIN + extra)
+    for blob_id in (sha1(data), "big%d" % extra):
+        status, reply = get_json(srv.url + "/blob/" + blob_id, "POST", data)
+        assert (status, reply["size"]) == (200, len(data))
+        with open(blob_path(srv.store.root, blob_id), "rb") as f:
+            assert f.read() == data
+        assert request(srv.url + "/blob/" + blob_id)[2] == data
+    assert srv.store.direct          # this filesystem took O_DIRECT
+    # One byte off under a content id: refused, and no temp file is left.
+    bad = data[:-1] + bytes([data[-1] ^ 1])
+    status, reply = get_json(srv.url + "/blob/" + sha1(data)[:-1] + "0", "POST", bad)
+    assert status == 422
+    assert os.listdir(os.path.join(srv.store.root, blob.TMP_DIR)) == []
 
 
 def test_post_with_http_client_chunked_encoding_round_trips(blob_server):

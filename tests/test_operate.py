@@ -222,6 +222,18 @@ def test_tls_blob_server_and_sos_server_over_https(blob_server, certificate):
                                            context=client, timeout=30)
         conn.request("GET", "/fetch/" + blob_id)
         assert conn.getresponse().read() == b"secret bytes"
+        # A body too large to keep in memory is spooled, and goes to the
+        # members through TLS (socket.sendfile falls back to reads and sends).
+        big = os.urandom(sos.SPOOL_IN_MEMORY + 1)
+        conn = http.client.HTTPSConnection("127.0.0.1", up.srv.server_port,
+                                           context=client, timeout=30)
+        conn.request("POST", "/upload", big)
+        resp = conn.getresponse()
+        assert (resp.status, json.loads(resp.read())["copies"]) == (200, 2)
+        conn = http.client.HTTPSConnection("127.0.0.1", down.srv.server_port,
+                                           context=client, timeout=30)
+        conn.request("GET", "/fetch/" + hashlib.sha1(big).hexdigest())
+        assert conn.getresponse().read() == big
         # Plain HTTP to a TLS port gets nothing, and the server lives on.
         with pytest.raises(Exception):
             request(down.url + "/fetch/" + blob_id, timeout=5)

@@ -82,6 +82,20 @@ def test_upload_lands_on_every_member_of_exactly_one_group(make_cluster):
     assert sorted(c.holders(reply["id"])) == sorted(home.members)
 
 
+def test_a_spooled_upload_is_sent_whole_to_every_member(make_cluster):
+    """Past SPOOL_IN_MEMORY the body is spooled to a file and sent to the
+    members with sendfile: every member holds exactly its bytes."""
+    c = make_cluster(copies=2)
+    data = os.urandom(sos.SPOOL_IN_MEMORY + 4099)
+    status, reply = c.upload(data)
+    assert (status, reply["id"], reply["copies"]) == (200, sha1(data), 2)
+    home = sos.placement(reply["id"], c.groups)[0]
+    assert sorted(c.holders(reply["id"])) == sorted(home.members)
+    for member in home.members:
+        with open(blob_path(c.blobs[member].store, reply["id"]), "rb") as f:
+            assert f.read() == data
+
+
 def test_uploads_spread_over_both_groups_by_placement(make_cluster):
     c = make_cluster()
     homes = set()

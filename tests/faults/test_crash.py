@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+import blob
+
 from .kit import Tracer, kill_at_every_call, poll, read_response, scaled, sha1, strike
 
 
@@ -256,11 +258,20 @@ def fresh_body(srv, rng, size):
             return blob_id, body
 
 
-@pytest.mark.parametrize("syscall,calls", [("fsync", 4), ("write", 1)])
+SMALL_SIZES = (1, 1000, 300000)
+# Written with O_DIRECT in 1 MiB blocks, then a tail through the page cache:
+# write #1 and #2 are direct blocks; the last is the tail.
+LARGE_SIZES = (blob.DIRECT_MIN + 4097,)
+
+
+@pytest.mark.parametrize("syscall,calls,sizes", [
+    ("fsync", 4, SMALL_SIZES), ("write", 1, SMALL_SIZES),
+    ("write", 2, LARGE_SIZES), ("fsync", 1, LARGE_SIZES)])
 def test_an_io_error_is_a_5xx_commits_nothing_is_not_retried_and_the_next_upload_succeeds(
-        procs, figures, rng, tmp_path, syscall, calls):
+        procs, figures, rng, tmp_path, syscall, calls, sizes):
     """EIO from the k-th fsync (the temp file's, then each new directory's
-    and the blob's directory's) or from the first data write."""
+    and the blob's directory's) or from the first data write; for a large
+    body, from its first two O_DIRECT block writes and its file's fsync."""
     srv = procs.blob()
     srv.ignore_tracebacks = True          # a 500 is logged with its traceback
     bad = []
@@ -268,7 +279,7 @@ def test_an_io_error_is_a_5xx_commits_nothing_is_not_retried_and_the_next_upload
     for k in range(1, calls + 1):
         for _ in range(scaled(3)):
             trials += 1
-            blob_id, body = fresh_body(srv, rng, rng.choice((1, 1000, 300000)))
+            blob_id, body = fresh_body(srv, rng, rng.choice(sizes))
             trace = str(tmp_path / "strace.out")
             tracer = Tracer(srv.pid, "%s:error=EIO:when=%d" % (syscall, k),
                             trace=syscall, log_path=trace)
