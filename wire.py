@@ -1331,6 +1331,19 @@ class Reply:
         self.left -= len(data)
         return data
 
+    def readinto(self, buffer):
+        """read() into buffer: how many bytes it now holds (0 at the end)."""
+        if self.left is None or self.left == -1:
+            data = self.read(len(buffer))
+            buffer[:len(data)] = data
+            return len(data)
+        n = min(len(buffer), self.left)
+        got = self.conn.rfile.readinto(memoryview(buffer)[:n]) if n else 0
+        if got < n:
+            raise http.client.IncompleteRead(b"", self.left - got)
+        self.left -= got
+        return got
+
     def json(self):
         try:
             return json.loads(self.read())
