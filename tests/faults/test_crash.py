@@ -178,9 +178,11 @@ def test_kill_9_of_sos_server_mid_upload_leaves_blob_servers_clean(procs, figure
 # --- Row 5: SIGKILL at the k-th call of each syscall the write path makes --------
 
 SYSCALLS = ("write", "fsync", "openat", "mkdirat", "renameat", "linkat",
-            "unlinkat", "sendto")
+            "unlinkat", "sendto", "fcntl")
+# The large case is written past the page cache (blob.DirectWriter): fcntl
+# turns O_DIRECT on and off, and its writes are whole blocks, then the tail.
 CASES = {"0 B": (0, "content"), "1 B": (1, "content"), "1 MiB": (1 << 20, "content"),
-         "1 B, named": (1, "named")}
+         "1 B, named": (1, "named"), "8 MiB + 4097 B": (blob.DIRECT_MIN + 4097, "content")}
 
 
 class Sweep:
