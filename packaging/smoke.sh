@@ -249,6 +249,17 @@ main() {
         "http://127.0.0.1:$DOWNLOAD_PORT/fetch/$id.txt") || fail "GET /fetch/$id.txt failed"
     case $got in text/plain*) ;; *) fail "fetch/$id.txt has Content-Type '$got', want text/plain" ;; esac
     say "ok: fetch/$id.txt is served as $got"
+    # A body large enough to be spooled by sos-server (sent to the members
+    # with sendfile) and written with O_DIRECT by the chrooted blob-servers.
+    head -c $((9 << 20)) /dev/urandom >"$WORK/large"
+    got=$(curl -sS --max-time 60 -X POST --data-binary @"$WORK/large" \
+        "http://127.0.0.1:$UPLOAD_PORT/upload") || fail "large upload failed: $got"
+    large=$(sha1sum <"$WORK/large" | cut -d' ' -f1)
+    case $got in *"\"$large\""*'"copies": 2'*) ;; *) fail "large upload: $got" ;; esac
+    curl -fsS --max-time 60 "http://127.0.0.1:$DOWNLOAD_PORT/fetch/$large" -o "$WORK/fetched" \
+        || fail "GET /fetch/$large failed"
+    cmp -s "$WORK/fetched" "$WORK/large" || fail "the large fetch differs from its upload"
+    say "ok: a 9 MiB upload and fetch through chrooted blob-servers"
 
     # The chrooted blob-server can no longer open anything outside its store,
     # so code it reaches only now (error paths, listings, ranges) would fail

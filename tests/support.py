@@ -37,6 +37,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import blob  # noqa: E402
+import blobstore  # noqa: E402
 import sos  # noqa: E402
 import wire  # noqa: E402
 
@@ -137,7 +138,7 @@ def blob_servers(root):
     started = []
 
     def start(name="store", **kwargs):
-        store = blob.BlobStore(os.path.join(str(root), name), **kwargs)
+        store = blobstore.BlobStore(os.path.join(str(root), name), **kwargs)
         store.recover()
         srv = InProcess(blob.make_server(("127.0.0.1", 0), store))
         srv.store = store

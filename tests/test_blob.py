@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import blob
+import blobstore
 import wire
 from support import BLOB_PY, BlobProcess, blob_path, get_json, request, sha1, wait_for
 
@@ -188,11 +188,11 @@ def test_post_get_head_round_trip_with_content_length(blob_server):
 
 @pytest.mark.parametrize("extra", [0, 4097])
 def test_large_bodies_written_past_the_page_cache_round_trip_exactly(blob_server, extra):
-    """DIRECT_MIN and up goes through blob.DirectWriter (O_DIRECT blocks, the
+    """DIRECT_MIN and up goes through blobstore.DirectWriter (O_DIRECT blocks, the
     tail through the page cache): a body of whole blocks, and one with a
     tail, under a content id and a plain one."""
     srv = blob_server()
-    data = os.urandom(blob.DIRECT_MIN + extra)
+    data = os.urandom(blobstore.DIRECT_MIN + extra)
     for blob_id in (sha1(data), "big%d" % extra):
         status, reply = get_json(srv.url + "/blob/" + blob_id, "POST", data)
         assert (status, reply["size"]) == (200, len(data))
@@ -204,7 +204,7 @@ def test_large_bodies_written_past_the_page_cache_round_trip_exactly(blob_server
     bad = data[:-1] + bytes([data[-1] ^ 1])
     status, reply = get_json(srv.url + "/blob/" + sha1(data)[:-1] + "0", "POST", bad)
     assert status == 422
-    assert os.listdir(os.path.join(srv.store.root, blob.TMP_DIR)) == []
+    assert os.listdir(os.path.join(srv.store.root, blobstore.TMP_DIR)) == []
 
 
 def test_post_with_http_client_chunked_encoding_round_trips(blob_server):
@@ -452,7 +452,7 @@ def test_blobs_pages_with_after_and_limit_and_filters_by_prefix(blob_server):
 
 @pytest.fixture
 def listing_store(tmp_path):
-    store = blob.BlobStore(str(tmp_path / "listing"))
+    store = blobstore.BlobStore(str(tmp_path / "listing"))
     store.held = set()
     yield store
     store.close()
@@ -767,7 +767,7 @@ def test_store_refuses_bad_ids_without_touching_the_filesystem(tmp_path_factory,
                                                                text):
     # tmp_path is per-test, not per-example: make one store per run below.
     base = tmp_path_factory.getbasetemp() / "storeids"
-    store = blob.BlobStore(str(base / "a" / "b" / "store"))
+    store = blobstore.BlobStore(str(base / "a" / "b" / "store"))
     try:
         before = tree(base)
         for call in (lambda: store.put(text, [b"abc"], {"X-K": "v"}, 3),
@@ -894,7 +894,7 @@ def test_flat_store_is_adopted_by_blobstore_recover(tmp_path):
     (root / "xy").write_bytes(b"2")
     (root / "xy.json").write_text('{"X-A": "b"}')
     (root / "xyz9").write_bytes(b"4")
-    store = blob.BlobStore(str(root))
+    store = blobstore.BlobStore(str(root))
     try:
         assert store.recover() == (0, 2)
         assert list(store.ids()) == ["xy", "xyz9"]

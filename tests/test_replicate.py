@@ -12,7 +12,7 @@ import tempfile
 
 from hypothesis import given, settings, strategies as st
 
-import blob
+import blobstore
 import wire
 import replicate
 import sos
@@ -128,7 +128,7 @@ def test_scrub_quarantines_a_flipped_byte_and_repairs_it(blob_server, capsys):
                            "--scrub", "--scrub-rate", "0")
     assert rc == 0
     assert "quarantined by scrub: 1" in out
-    quarantined = os.listdir(os.path.join(b.store.root, blob.QUARANTINE_DIR))
+    quarantined = os.listdir(os.path.join(b.store.root, blobstore.QUARANTINE_DIR))
     assert any(name.startswith(blob_id + ".") and not name.endswith(".json")
                for name in quarantined)
     assert summary["default"]["copied"] == 1
@@ -216,7 +216,7 @@ def test_digest_shortcut_agrees_with_a_full_comparison(blob_server):
     def check(common, only_a, only_b):
         with tempfile.TemporaryDirectory() as tmp:
             for srv, name in ((a, "a"), (b, "b")):
-                srv.store = srv.srv.store = blob.BlobStore(os.path.join(tmp, name))
+                srv.store = srv.srv.store = blobstore.BlobStore(os.path.join(tmp, name))
             want_a, want_b = common | only_a, common | only_b
             for srv, want in ((a, want_a), (b, want_b)):
                 for blob_id in want:

@@ -20,6 +20,7 @@ from hypothesis.stateful import (Bundle, RuleBasedStateMachine, initialize,
                                  invariant, multiple, rule)
 
 import blob
+import blobstore
 import sos
 from support import (ROOT, Front, InProcess, blob_path, flip_byte, get_json,
                      request, sha1, stop_hard)
@@ -633,7 +634,7 @@ class ClusterMachine(RuleBasedStateMachine):
         self.tmp = tempfile.mkdtemp(prefix="sos-machine-")
         self.stores, self.servers, self.ports = [], [], []
         for i in range(4):
-            store = blob.BlobStore(os.path.join(self.tmp, "s%d" % i))
+            store = blobstore.BlobStore(os.path.join(self.tmp, "s%d" % i))
             srv = InProcess(blob.make_server(("127.0.0.1", 0), store))
             self.stores.append(store)
             self.servers.append(srv)

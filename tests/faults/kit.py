@@ -221,7 +221,7 @@ class Program(support.Program):
         """(threads, fds) not explained by connections: an accepted one holds
         a thread and an fd, an outgoing keep-alive one (sos-server to
         blob-servers, kept in its pool whatever its state) an fd, a leaf
-        directory in a blob-server's cache (at most blob.LEAF_FDS) an fd.  Invariant
+        directory in a blob-server's cache (at most blobstore.LEAF_FDS) an fd.  Invariant
         I6 is that this returns to where it was once the clients are gone."""
         sockets = set()
         leaves = 0

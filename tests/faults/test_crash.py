@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-import blob
+import blobstore
 
 from .kit import Tracer, kill_at_every_call, poll, read_response, scaled, sha1, strike
 
@@ -179,10 +179,10 @@ def test_kill_9_of_sos_server_mid_upload_leaves_blob_servers_clean(procs, figure
 
 SYSCALLS = ("write", "fsync", "openat", "mkdirat", "renameat", "linkat",
             "unlinkat", "sendto", "fcntl")
-# The large case is written past the page cache (blob.DirectWriter): fcntl
+# The large case is written past the page cache (blobstore.DirectWriter): fcntl
 # turns O_DIRECT on and off, and its writes are whole blocks, then the tail.
 CASES = {"0 B": (0, "content"), "1 B": (1, "content"), "1 MiB": (1 << 20, "content"),
-         "1 B, named": (1, "named"), "8 MiB + 4097 B": (blob.DIRECT_MIN + 4097, "content")}
+         "1 B, named": (1, "named"), "8 MiB + 4097 B": (blobstore.DIRECT_MIN + 4097, "content")}
 
 
 class Sweep:
@@ -263,7 +263,7 @@ def fresh_body(srv, rng, size):
 SMALL_SIZES = (1, 1000, 300000)
 # Written with O_DIRECT in 1 MiB blocks, then a tail through the page cache:
 # write #1 and #2 are direct blocks; the last is the tail.
-LARGE_SIZES = (blob.DIRECT_MIN + 4097,)
+LARGE_SIZES = (blobstore.DIRECT_MIN + 4097,)
 
 
 @pytest.mark.parametrize("syscall,calls,sizes", [
