@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """replicate: make every member of each SOS group hold every blob of the group.
 
-Anti-entropy for SOS.  Within each group (see sos.py for configuration and
+Anti-entropy for SOS.  Within each group (see cluster.py for configuration and
 groups), every blob held by any member is copied, with its X-* metadata, to
 every member that lacks it, and every delete reaches every member.  Nothing
 crosses groups.  Run it from cron or the
@@ -45,7 +45,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 
-from sos import ConfigError, add_cluster_args, load_groups
+from cluster import ConfigError, add_cluster_args, load_groups
 from wire import (CHUNK, ArgumentParser, Pool, blob_metadata, chunked, read_token,
                   setup_logging, shard, valid_id)
 

@@ -14,7 +14,7 @@ from support import (ROOT, BlobProcess, Front, InProcess, blob_servers,  # noqa:
                      get_json, request, wait_for)
 
 import blob  # noqa: E402  (after support: it needs ROOT on sys.path)
-import sos  # noqa: E402
+from cluster import Group  # noqa: E402
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ class Cluster(Front):
                 srv = blob_server("%s-%d" % (gname, i))
                 self.blobs[srv.url] = srv
                 members.append(srv.url)
-            groups.append(sos.Group(gname, members))
+            groups.append(Group(gname, members))
         super().__init__(groups, timeout=timeout, **options)
 
     def holders(self, blob_id):

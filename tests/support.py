@@ -39,6 +39,7 @@ if ROOT not in sys.path:
 import blob  # noqa: E402
 import blobstore  # noqa: E402
 import sos  # noqa: E402
+from cluster import Cluster  # noqa: E402
 import wire  # noqa: E402
 
 
@@ -173,7 +174,7 @@ class Front:
     def __init__(self, groups, timeout=10, max_upload=1 << 30, **options):
         self.groups = groups
         pool = sos.Pool(connect_timeout=1, timeout=timeout)
-        self.cluster = sos.Cluster(groups, pool=pool, **options)
+        self.cluster = Cluster(groups, pool=pool, **options)
         up, down = sos.make_servers(self.cluster, "127.0.0.1", 0, 0,
                                     max_upload=max_upload)
         self.up, self.down = InProcess(up), InProcess(down)

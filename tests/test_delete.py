@@ -11,6 +11,7 @@ import pytest
 import blob
 import helpers
 import sos
+from cluster import Group
 from conftest import get_json, request, wait_for
 from go_original import GoOriginal
 from helpers import blob_path, stop_hard
@@ -223,7 +224,7 @@ def test_deletes_are_off_without_a_delete_token(make_cluster):
 
 def test_delete_needs_the_delete_token_not_the_upload_token(blob_server):
     srv = blob_server()
-    groups = [sos.Group("g", [srv.url])]
+    groups = [Group("g", [srv.url])]
     front = Front(groups)
     try:
         front.up.srv.token = "upload-token"
@@ -283,7 +284,7 @@ def test_delete_removes_every_copy_in_every_group(make_cluster):
 
 
 def test_read_after_delete_through_two_sos_servers(blob_server):
-    groups = [sos.Group("g%d" % g, [blob_server("g%d-%d" % (g, i)).url
+    groups = [Group("g%d" % g, [blob_server("g%d-%d" % (g, i)).url
                                     for i in range(2)]) for g in range(2)]
     one, two = Front(groups), Front(groups)
     try:
@@ -304,7 +305,7 @@ def test_read_after_delete_through_two_sos_servers(blob_server):
 
 def test_a_member_down_makes_a_delete_pending_and_none_up_is_503(blob_server):
     a, b = blob_server("a"), blob_server("b")
-    front = Front([sos.Group("g", [a.url, b.url])])
+    front = Front([Group("g", [a.url, b.url])])
     try:
         blob_id = front.upload(b"pending")[1]["id"]
         stop_hard(b)
@@ -322,7 +323,7 @@ def test_a_member_down_makes_a_delete_pending_and_none_up_is_503(blob_server):
 
 def test_the_go_originals_blob_server_has_not_recorded_a_delete(blob_server):
     ours, go = blob_server("ours"), GoOriginal()
-    front = Front([sos.Group("mixed", [ours.url, go.url])])
+    front = Front([Group("mixed", [ours.url, go.url])])
     try:
         blob_id = front.upload(b"mixed")[1]["id"]
         assert front.delete(blob_id) == (202, {"id": blob_id, "status": "pending",
@@ -335,7 +336,7 @@ def test_the_go_originals_blob_server_has_not_recorded_a_delete(blob_server):
 
 def test_metrics_count_deletes_and_the_status_page_shows_tombstones(blob_server):
     srv = blob_server()
-    front = Front([sos.Group("g", [srv.url])])
+    front = Front([Group("g", [srv.url])])
     admin = sos.make_admin_server(front.cluster, ("127.0.0.1", 0),
                                   front.up.srv.metrics)
     from conftest import InProcess
@@ -357,7 +358,7 @@ def test_metrics_count_deletes_and_the_status_page_shows_tombstones(blob_server)
 
 def test_replicate_completes_a_delete_a_member_missed(blob_process, capsys):
     a, b = blob_process("a"), blob_process("b")
-    front = Front([sos.Group("g", [a.url, b.url])])
+    front = Front([Group("g", [a.url, b.url])])
     try:
         ids = [front.upload(b"acked %d" % i)[1]["id"] for i in range(5)]
         b.kill()
@@ -382,7 +383,7 @@ def test_replicate_completes_a_delete_a_member_missed(blob_process, capsys):
 
 def test_a_reupload_while_a_member_was_away_survives_replicate(blob_process, capsys):
     a, b = blob_process("a"), blob_process("b")
-    front = Front([sos.Group("g", [a.url, b.url])])
+    front = Front([Group("g", [a.url, b.url])])
     try:
         data = b"deleted, then uploaded again"
         blob_id = front.upload(data)[1]["id"]

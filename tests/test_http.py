@@ -30,6 +30,7 @@ from redbot.resource import HttpResource
 from redbot.resource.fetch import RedHttpClient
 
 import sos
+from cluster import Group
 from conftest import ROOT, InProcess, blob_servers, request
 from helpers import Front, stop_hard
 
@@ -182,7 +183,7 @@ class Site:
 
     def __init__(self, blob_server):
         self.blob = blob_server("store")
-        self.front = Front([sos.Group("g1", [self.blob.url])], copies=1,
+        self.front = Front([Group("g1", [self.blob.url])], copies=1,
                            max_upload=MAX_UPLOAD)
         cluster = self.front.cluster
         self.admin = InProcess(sos.make_admin_server(
@@ -191,7 +192,7 @@ class Site:
         up.server_close()
         self.tokened = InProcess(down)
         gone = blob_server("gone")
-        self.down = Front([sos.Group("g1", [gone.url])], copies=1)
+        self.down = Front([Group("g1", [gone.url])], copies=1)
         stop_hard(gone)
         for data, headers in ((TEXT, {"X-Mime-Type": "text/plain", "X-Owner": "alice"}),
                               (HTML, {"X-Mime-Type": "text/html"}),

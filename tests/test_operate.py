@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import blob
 import wire
 import sos
+from cluster import Cluster, Group
 from support import ROOT, InProcess, get_json, request, wait_for
 
 
@@ -205,7 +206,7 @@ def test_tls_blob_server_and_sos_server_over_https(blob_server, certificate):
         srv.srv.tls = wire.tls_context(cert, key)
         members.append(srv.url.replace("http:", "https:"))
     client = ssl.create_default_context(cafile=cert)
-    cluster = sos.Cluster([sos.Group("tls", members)],
+    cluster = Cluster([Group("tls", members)],
                           pool=sos.Pool(ssl_context=client))
     up, down = sos.make_servers(cluster, "127.0.0.1", 0, 0,
                                 tls=wire.tls_context(cert, key))

@@ -16,6 +16,7 @@ import blobstore
 import wire
 import replicate
 import sos
+from cluster import Group
 from go_original import GoOriginal
 from support import (ROOT, Front, blob_path, flip_byte, get_json, request, sha1,
                      stop_hard)
@@ -225,7 +226,7 @@ def test_digest_shortcut_agrees_with_a_full_comparison(blob_server):
             assert members == [a.url, b.url] and not errors
             assert set(differ) == {wire.shard(i)[0]
                                    for i in want_a ^ want_b}
-            summary = rep.sync(sos.Group("g", [a.url, b.url]))
+            summary = rep.sync(Group("g", [a.url, b.url]))
             assert summary["copied"] == len(want_a ^ want_b)
             assert ids(a) == ids(b) == want_a | want_b
             assert rep.plan([a.url, b.url])[1] == []
@@ -320,7 +321,7 @@ def test_replicate_falls_back_to_full_listings_against_the_original(blob_server,
 def test_sos_server_uploads_to_and_fetches_from_the_original(blob_server):
     ours = blob_server("ours")
     go = GoOriginal()
-    front = Front([sos.Group("mixed", [ours.url, go.url])])
+    front = Front([Group("mixed", [ours.url, go.url])])
     try:
         data = os.urandom(10000)             # the original sends it chunked
         status, reply = front.upload(data, {"X-Mime-Type": "image/png"})

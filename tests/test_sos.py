@@ -22,6 +22,8 @@ from hypothesis.stateful import (Bundle, RuleBasedStateMachine, initialize,
 import blob
 import blobstore
 import sos
+from cluster import (ConfigError, Group, load_groups, merge_groups, parse_config,
+                     placement, rank)
 from support import (ROOT, Front, InProcess, blob_path, flip_byte, get_json,
                      request, sha1, stop_hard)
 
@@ -79,7 +81,7 @@ def test_upload_lands_on_every_member_of_exactly_one_group(make_cluster):
     status, reply = c.upload(data)
     assert status == 200
     assert reply == {"id": sha1(data), "size": 5000, "status": "OK", "copies": 2}
-    home = sos.placement(reply["id"], c.groups)[0]
+    home = placement(reply["id"], c.groups)[0]
     assert sorted(c.holders(reply["id"])) == sorted(home.members)
 
 
@@ -90,7 +92,7 @@ def test_a_spooled_upload_is_sent_whole_to_every_member(make_cluster):
     data = os.urandom(sos.SPOOL_IN_MEMORY + 4099)
     status, reply = c.upload(data)
     assert (status, reply["id"], reply["copies"]) == (200, sha1(data), 2)
-    home = sos.placement(reply["id"], c.groups)[0]
+    home = placement(reply["id"], c.groups)[0]
     assert sorted(c.holders(reply["id"])) == sorted(home.members)
     for member in home.members:
         with open(blob_path(c.blobs[member].store, reply["id"]), "rb") as f:
@@ -103,7 +105,7 @@ def test_uploads_spread_over_both_groups_by_placement(make_cluster):
     for i in range(12):
         status, reply = c.upload(b"spread %d" % i)
         assert status == 200
-        home = sos.placement(reply["id"], c.groups)[0]
+        home = placement(reply["id"], c.groups)[0]
         assert sorted(c.holders(reply["id"])) == sorted(home.members)
         homes.add(home.name)
     assert homes == {"g1", "g2"}
@@ -160,20 +162,20 @@ def test_mime_type_header_wins_over_the_extension(make_cluster):
 # --- Configuration ------------------------------------------------------------------
 
 def test_blob_server_flag_makes_one_default_group():
-    groups = sos.load_groups("http://a:4001, http://b:4002/,")
+    groups = load_groups("http://a:4001, http://b:4002/,")
     assert [(g.name, g.members, g.weight) for g in groups] == \
         [("default", ["http://a:4001", "http://b:4002"], 1.0)]
 
 
 @pytest.mark.parametrize("bad", ["ftp://a:1", "a:4001", "http://a:1/path", "http://"])
 def test_blob_server_flag_rejects_non_urls(bad):
-    with pytest.raises(sos.ConfigError):
-        sos.load_groups("http://ok:1," + bad)
+    with pytest.raises(ConfigError):
+        load_groups("http://ok:1," + bad)
 
 
 def test_plain_list_config_is_one_default_group_with_comments_and_blanks():
     text = "# servers\n\nhttp://a:4001\n   http://b:4002   # second\n\n"
-    groups = sos.parse_config(text)
+    groups = parse_config(text)
     assert [(g.name, g.members) for g in groups] == \
         [("default", ["http://a:4001", "http://b:4002"])]
 
@@ -189,16 +191,16 @@ def test_sectioned_config_makes_groups_with_weights():
 weight = 2.5
 - : http://b1:4001
 """
-    groups = sos.parse_config(text)
+    groups = parse_config(text)
     assert [(g.name, g.members, g.weight) for g in groups] == [
         ("alpha", ["http://a1:4001", "http://a2:4002"], 1.0),
         ("beta", ["http://b1:4001"], 2.5)]
 
 
 def test_two_config_files_add_together():
-    etc = sos.parse_config("[g1]\n-: http://a:1\n[g2]\n-: http://b:1\n")
-    home = sos.parse_config("[g2]\n-: http://c:1\n-: http://b:1\n[g3]\n-: http://d:1\n")
-    merged = sos.merge_groups(etc, home)
+    etc = parse_config("[g1]\n-: http://a:1\n[g2]\n-: http://b:1\n")
+    home = parse_config("[g2]\n-: http://c:1\n-: http://b:1\n[g3]\n-: http://d:1\n")
+    merged = merge_groups(etc, home)
     assert [(g.name, g.members) for g in merged] == [
         ("g1", ["http://a:1"]), ("g2", ["http://b:1", "http://c:1"]),
         ("g3", ["http://d:1"])]
@@ -215,21 +217,21 @@ def test_two_config_files_add_together():
 def test_bad_config_names_file_and_line(tmp_path, text, line):
     path = tmp_path / "sos.conf"
     path.write_text(text)
-    with pytest.raises(sos.ConfigError) as e:
-        sos.load_groups(config=str(path))
+    with pytest.raises(ConfigError) as e:
+        load_groups(config=str(path))
     assert "%s:%d:" % (path, line) in str(e.value)
 
 
 def test_config_without_servers_is_an_error(tmp_path):
     path = tmp_path / "sos.conf"
     path.write_text("# nothing here\n\n[empty]\n")
-    with pytest.raises(sos.ConfigError, match="no blob-servers"):
-        sos.load_groups(config=str(path))
+    with pytest.raises(ConfigError, match="no blob-servers"):
+        load_groups(config=str(path))
 
 
 def test_missing_config_file_is_an_error(tmp_path):
-    with pytest.raises(sos.ConfigError, match="no such file"):
-        sos.load_groups(config=str(tmp_path / "absent.conf"))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_groups(config=str(tmp_path / "absent.conf"))
 
 
 def run_sos(*args, env=None):
@@ -270,11 +272,11 @@ def test_cli_bad_config_exits_2_naming_file_and_line(tmp_path):
 
 # --- Placement -------------------------------------------------------------------------
 
-GOLDEN_GROUPS = [sos.Group("g1", ["http://a:1"], 1.0),
-                 sos.Group("g2", ["http://b:1"], 2.0),
-                 sos.Group("g3", ["http://c:1"], 0.5)]
+GOLDEN_GROUPS = [Group("g1", ["http://a:1"], 1.0),
+                 Group("g2", ["http://b:1"], 2.0),
+                 Group("g3", ["http://c:1"], 0.5)]
 
-# sha1(b"golden-%d" % i) for i in 0..7 and where sos.placement put them when
+# sha1(b"golden-%d" % i) for i in 0..7 and where placement put them when
 # these tests were written.  If this fails, placement changed: every blob
 # stored before would be looked for in the wrong group first.
 GOLDEN = [
@@ -291,35 +293,35 @@ GOLDEN = [
 
 @pytest.mark.parametrize("blob_id, order", GOLDEN)
 def test_placement_golden_values(blob_id, order):
-    assert [g.name for g in sos.placement(blob_id, GOLDEN_GROUPS)] == order
+    assert [g.name for g in placement(blob_id, GOLDEN_GROUPS)] == order
 
 
 def test_member_order_golden_value():
-    assert sos.rank("0123", ["http://h1:1", "http://h2:2", "http://h3:3"]) == \
+    assert rank("0123", ["http://h1:1", "http://h2:2", "http://h3:3"]) == \
         ["http://h2:2", "http://h1:1", "http://h3:3"]
 
 
 def test_placement_ignores_the_order_groups_are_listed_in():
     for blob_id, order in GOLDEN:
         shuffled = GOLDEN_GROUPS[::-1]
-        assert [g.name for g in sos.placement(blob_id, shuffled)] == order
+        assert [g.name for g in placement(blob_id, shuffled)] == order
 
 
 def test_placement_follows_weights():
-    groups = [sos.Group("light", [], 1.0), sos.Group("heavy", [], 2.0)]
-    heavy = sum(sos.placement(sha1(b"%d" % i), groups)[0].name == "heavy"
+    groups = [Group("light", [], 1.0), Group("heavy", [], 2.0)]
+    heavy = sum(placement(sha1(b"%d" % i), groups)[0].name == "heavy"
                 for i in range(3000))
     assert 1800 < heavy < 2200       # expected 2000 (2/3), sd ~26
 
 
 def test_adding_a_group_moves_blobs_only_to_the_new_group():
-    old = [sos.Group("g%d" % i, [], w) for i, w in enumerate((1, 2, 1))]
-    new = old + [sos.Group("added", [], 1.5)]
+    old = [Group("g%d" % i, [], w) for i, w in enumerate((1, 2, 1))]
+    new = old + [Group("added", [], 1.5)]
     moved = 0
     for i in range(2000):
         blob_id = sha1(b"stable %d" % i)
-        before = [g.name for g in sos.placement(blob_id, old)]
-        after = [g.name for g in sos.placement(blob_id, new)]
+        before = [g.name for g in placement(blob_id, old)]
+        after = [g.name for g in placement(blob_id, new)]
         assert [n for n in after if n != "added"] == before
         moved += after[0] == "added"
     assert 300 < moved < 800         # expected 1.5/5.5 of 2000, ~545
@@ -334,7 +336,7 @@ def test_fetch_costs_one_upstream_request(make_cluster, upstream):
         status, reply = c.upload(b"one hop %d" % i)
         assert status == 200
         stored[reply["id"]] = b"one hop %d" % i
-    assert len({sos.placement(i, c.groups)[0].name for i in stored}) >= 3
+    assert len({placement(i, c.groups)[0].name for i in stored}) >= 3
     for blob_id, data in stored.items():
         before = len(blob_gets(upstream))
         status, _, body = c.fetch(blob_id)
@@ -395,7 +397,7 @@ def test_if_none_match_gives_304_without_body(make_cluster):
 def test_upload_with_a_member_down_goes_to_the_next_group(make_cluster):
     c = make_cluster()
     data, blob_id = body_where(lambda i: True)
-    home, nxt = sos.placement(blob_id, c.groups)
+    home, nxt = placement(blob_id, c.groups)
     down = home.members[0]
     stop_hard(c.blobs[down])
     status, reply = c.upload(data)
@@ -411,7 +413,7 @@ def test_fetch_falls_over_to_the_other_member_when_one_is_down(make_cluster):
     c = make_cluster()
     data, blob_id = body_where(lambda i: True)
     assert c.upload(data)[0] == 200
-    home = sos.placement(blob_id, c.groups)[0]
+    home = placement(blob_id, c.groups)[0]
     first = c.cluster.members(blob_id, home)[0]
     stop_hard(c.blobs[first])
     status, _, body = c.fetch(blob_id)
@@ -422,7 +424,7 @@ def test_fetch_falls_over_to_the_other_member_when_one_is_down(make_cluster):
 def test_full_group_diverts_upload_to_the_next_group(make_cluster):
     c = make_cluster()
     data, blob_id = body_where(lambda i: True)
-    home, nxt = sos.placement(blob_id, c.groups)
+    home, nxt = placement(blob_id, c.groups)
     for m in home.members:
         c.blobs[m].store.reserve = 1 << 60          # every write is 507
     status, reply = c.upload(data)
@@ -460,16 +462,16 @@ def test_slow_member_does_not_block_upload_or_fetch(blob_server, blob_process,
                                                     make_front):
     slow = blob_process("slow")
     fast = [blob_server("fast%d" % i) for i in range(3)]
-    groups = [sos.Group("g1", [slow.url, fast[0].url]),
-              sos.Group("g2", [fast[1].url, fast[2].url])]
+    groups = [Group("g1", [slow.url, fast[0].url]),
+              Group("g2", [fast[1].url, fast[2].url])]
     writer = make_front(groups, timeout=2)
     # A blob whose home is g1 and that is read from the slow member first.
-    data, blob_id = body_where(lambda i: sos.placement(i, groups)[0].name == "g1"
-                               and sos.rank(i, groups[0].members)[0] == slow.url)
+    data, blob_id = body_where(lambda i: placement(i, groups)[0].name == "g1"
+                               and rank(i, groups[0].members)[0] == slow.url)
     assert writer.upload(data) == (200, {"id": blob_id, "size": len(data),
                                          "status": "OK", "copies": 2})
     assert os.path.exists(blob_path(slow.store, blob_id))
-    data2, id2 = body_where(lambda i: sos.placement(i, groups)[0].name == "g1")
+    data2, id2 = body_where(lambda i: placement(i, groups)[0].name == "g1")
     slow.proc.send_signal(signal.SIGSTOP)     # kill() would wait for an exit
     try:
         start = time.monotonic()
@@ -514,7 +516,7 @@ def test_small_corrupt_copy_is_never_served_another_member_is(make_cluster):
     data = os.urandom(1000)
     _, reply = c.upload(data)
     blob_id = reply["id"]
-    home = sos.placement(blob_id, c.groups)[0]
+    home = placement(blob_id, c.groups)[0]
     first = c.cluster.members(blob_id, home)[0]
     flip_byte(c.blobs[first].store, blob_id, 500)
     for _ in range(2):
@@ -528,7 +530,7 @@ def test_large_corrupt_copy_is_cut_short_never_a_complete_200(make_cluster):
     data = os.urandom(1 << 20)
     _, reply = c.upload(data)
     blob_id = reply["id"]
-    home = sos.placement(blob_id, c.groups)[0]
+    home = placement(blob_id, c.groups)[0]
     first = c.cluster.members(blob_id, home)[0]
     flip_byte(c.blobs[first].store, blob_id, 700000)
     conn = http.client.HTTPConnection("127.0.0.1", c.down.srv.server_port, timeout=30)
@@ -579,7 +581,7 @@ def test_bad_id_is_400_json(make_cluster, name):
 
 def test_upload_over_max_is_413_before_the_body_is_read(blob_server, make_front):
     srv = blob_server()
-    front = make_front([sos.Group("g", [srv.url])], max_upload=1000)
+    front = make_front([Group("g", [srv.url])], max_upload=1000)
     with socket.create_connection(("127.0.0.1", front.up.srv.server_port),
                                   timeout=10) as s:
         # Only the head: a server waiting for the body would time out here.
@@ -603,7 +605,7 @@ DELETE_TOKEN = "machine-delete-token"
 
 class DeletingFront(Front):
     """A Front whose upload port also takes DELETE /fetch/<id>.  Front hands
-    its options to sos.Cluster; the token is the upload server's setting
+    its options to Cluster; the token is the upload server's setting
     (make_servers' delete_token), read per request."""
 
     def __init__(self, groups, **options):
@@ -640,7 +642,7 @@ class ClusterMachine(RuleBasedStateMachine):
             self.servers.append(srv)
             self.ports.append(srv.srv.server_port)
         self.urls = [s.url for s in self.servers]
-        groups = [sos.Group("g1", self.urls[:2]), sos.Group("g2", self.urls[2:])]
+        groups = [Group("g1", self.urls[:2]), Group("g2", self.urls[2:])]
         self.front = DeletingFront(groups, timeout=5)
         self.model = {}          # id -> bytes: acknowledged, not deleted since
         self.maybe = {}          # id -> bytes: deleted (202) while a member was away

@@ -22,7 +22,6 @@ import support
 from support import (PYTHON, ROOT, BlobProcess, blob_path, flip_bit,  # noqa: F401
                      get_json, request, sha1, wait_for)
 
-import sos  # noqa: E402,F401  (tests take placement from kit.sos)
 import wire  # noqa: E402
 
 poll = wait_for

@@ -12,7 +12,9 @@ import os
 import socket
 import time
 
-from .kit import sos, address, flip_bit, read_response, replicate, scaled, sha1
+from .kit import address, flip_bit, read_response, replicate, scaled, sha1
+
+from cluster import rank
 
 VERIFY_LIMIT = 256 * 1024
 
@@ -21,7 +23,7 @@ def first_asked(cluster, blob_id):
     """The member the sos-server asks first for blob_id (the group's own
     ranking; both members are healthy)."""
     members = cluster.groups["g1"]
-    url = sos.rank(blob_id, [m.url for m in members])[0]
+    url = rank(blob_id, [m.url for m in members])[0]
     return next(m for m in members if m.url == url)
 
 

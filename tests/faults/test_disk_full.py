@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from .kit import sos, mount_ext4, mount_tmpfs, poll, scaled, sha1, umount
+from .kit import mount_ext4, mount_tmpfs, poll, scaled, sha1, umount
+
+from cluster import Group, placement
 
 FILESYSTEMS = {
     # name: (mount, body sizes that fill it, ballast files freed afterwards)
@@ -145,14 +147,14 @@ def test_sos_server_stores_in_another_group_when_the_first_choice_is_full(
         top_up(path)
         assert full.post(sha1(b"x"), b"x")[0] == 507
         c = procs.sos([("g1", [full]), ("g2", [roomy])], "--copies", "1")
-        groups = [sos.Group("g1", [full.url]), sos.Group("g2", [roomy.url])]
+        groups = [Group("g1", [full.url]), Group("g2", [roomy.url])]
         trials = scaled(100)
         bad = []
         done = 0
         while done < trials:
             body = rng.randbytes(rng.randrange(1, 50000))
             blob_id = sha1(body)
-            if sos.placement(blob_id, groups)[0].name != "g1":
+            if placement(blob_id, groups)[0].name != "g1":
                 continue                  # only blobs whose first choice is full
             done += 1
             status, reply = c.upload(body)
