@@ -166,7 +166,10 @@ class DirectWriter:
             self.filled += n
             data = data[n:]
             if self.filled == DIRECT_BLOCK:
-                write_all(self.fd, self.view)
+                # A short write would leave the next one unaligned (EINVAL);
+                # a regular file takes less than asked only when it is full.
+                if os.write(self.fd, self.view) != DIRECT_BLOCK:
+                    raise OSError(errno.ENOSPC, "disk full")
                 self.filled = 0
 
     def finish(self):

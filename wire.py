@@ -298,6 +298,7 @@ class FilePart:
         for offset in range(self.offset, end, CHUNK):
             yield os.pread(self.fd, min(CHUNK, end - offset), offset)
 
+
 class Tally:
     """One connection's request figures, kept without a lock: only its own
     thread writes them.  Histogram counts are per bucket, not cumulative."""

@@ -14,6 +14,7 @@ import pytest
 
 from .kit import mount_ext4, mount_tmpfs, poll, scaled, sha1, umount
 
+import blobstore
 from cluster import Group, placement
 
 FILESYSTEMS = {
@@ -24,6 +25,10 @@ FILESYSTEMS = {
                         (10, 100), (0,) * 12),
     "ext4 16 MiB": (lambda path, tmp: mount_ext4(path, tmp / "ext4.img", 16),
                     (200000, 700000), (2 << 20,)),
+    # Bodies written with O_DIRECT (blobstore.DirectWriter).
+    "ext4 64 MiB, large bodies": (lambda path, tmp: mount_ext4(path, tmp / "ext4.img", 64),
+                                  (blobstore.DIRECT_MIN, blobstore.DIRECT_MIN + (3 << 20)),
+                                  (20 << 20,)),
 }
 
 
