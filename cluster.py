@@ -28,8 +28,9 @@ CONFIG_FILES = ("/etc/sos.conf", "~/.sos.conf")
 DEFAULT_GROUP = "default"
 HEALTH_EVERY = 5.0        # seconds between /stats polls of each blob-server
 # An upload this small is sent to its members from the handler's own thread:
-# it fits their sockets' buffers, so sending never waits on one of them.
-INLINE_UPLOAD = 64 * 1024
+# with its head it fits a new connection's send buffer (tcp_wmem's default,
+# 16 KiB), so sending to a member that doesn't read never holds up the next.
+INLINE_UPLOAD = 8 * 1024
 BIG_CHUNK = 1 << 20       # a large verified fetch is relayed in these...
 PIPELINE = 4              # ...with this many received ahead of the sending
 ORDER_CACHE = 65536       # ids whose placement order is remembered

@@ -446,6 +446,30 @@ def test_all_members_down_is_503_json_never_200(make_cluster):
     assert status == 503 and b'"error"' in body
 
 
+@pytest.mark.parametrize("size", [4096, 100_000])
+def test_a_member_that_never_answers_does_not_hold_up_an_upload(blob_server, size):
+    """A group of three, two copies: one member takes connections and bodies
+    (the kernel's backlog) and never answers.  The upload is acknowledged
+    once the two others have it, long before the pool's timeout, whether
+    the body went out from the request's thread (small) or the executor."""
+    sink = socket.socket()
+    sink.bind(("127.0.0.1", 0))
+    sink.listen(64)
+    members = [blob_server("m1").url, blob_server("m2").url,
+               "http://127.0.0.1:%d" % sink.getsockname()[1]]
+    front = Front([Group("g", members)], timeout=30, copies=2)
+    try:
+        started = time.monotonic()
+        status, reply = front.upload(os.urandom(size))
+        assert (status, reply["copies"]) == (200, 2)
+        assert time.monotonic() - started < 15      # the timeout is 30 s
+        assert sorted(front.cluster.counters[k] for k in
+                      ("copies_made", "copies_failed")) == [0, 2]
+    finally:
+        front.stop()
+        sink.close()
+
+
 def test_too_few_members_stores_fewer_copies_or_503_when_strict(make_cluster):
     for strict in (False, True):
         c = make_cluster(strict=strict)
