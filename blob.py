@@ -313,7 +313,7 @@ def main(argv=None):
         threading.Thread(target=store.warm, daemon=True).start()
         threading.Thread(target=store.reclaim_forever, args=(args.reclaim_age,),
                          daemon=True).start()
-    sys.exit(serve_workers([[w] for w in workers], background))
+    sys.exit(serve_workers([[w] for w in workers], background, args.pin))
 
 
 if __name__ == "__main__":

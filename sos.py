@@ -411,7 +411,7 @@ def main(argv=None):
     dump(groups)
     sys.stdout.flush()
     # The admin port, and so /metrics, shows the first process's figures.
-    sys.exit(serve_workers(workers, cluster.watch_health))
+    sys.exit(serve_workers(workers, cluster.watch_health, args.pin))
 
 
 if __name__ == "__main__":

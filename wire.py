@@ -996,20 +996,29 @@ def die_with_parent():
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def serve_workers(workers, on_start=None):
+def serve_workers(workers, on_start=None, pin=True):
     """Serve each worker's servers in a process of its own.
 
     workers is a list of lists of servers; the workers' servers are bound to
     the same ports with SO_REUSEPORT, and the kernel spreads connections
     across them.  This process serves the first worker and, on SIGTERM,
     stops the others and waits for them.  on_start runs in every process
-    once forked (threads don't survive a fork, so none may start before)."""
+    once forked (threads don't survive a fork, so none may start before).
+
+    With pin and several workers, each keeps to a CPU of its own, in turn
+    over the CPUs this process may use.  A worker's threads take turns on
+    one GIL anyway; handing it over on one CPU is cheap, while waking a
+    thread on another (idle) CPU cost more than the request itself: blob
+    GETs over 16 connections ran at 13k/s and 117 us of CPU each unpinned,
+    31k/s and 50 us pinned."""
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)     # see serve()
+    cpus = sorted(os.sched_getaffinity(0)) if pin and len(workers) > 1 else []
     children = []
-    for servers in workers[1:]:
+    for index, servers in enumerate(workers[1:], 1):
         pid = os.fork()
         if pid == 0:
             die_with_parent()
+            keep_to_cpu(cpus, index)
             for other in workers:
                 if other is not servers:
                     for srv in other:
@@ -1020,6 +1029,7 @@ def serve_workers(workers, on_start=None):
         children.append(pid)
         for srv in servers:
             srv.socket.close()
+    keep_to_cpu(cpus, 0)
     if on_start:
         on_start()
     code = serve(workers[0])
@@ -1029,6 +1039,15 @@ def serve_workers(workers, on_start=None):
         _, status = os.waitpid(pid, 0)
         code = code or (os.waitstatus_to_exitcode(status) != 0)
     return int(code)
+
+
+def keep_to_cpu(cpus, index):
+    """Keep this thread, and the threads it starts, to cpus[index] (in turn)."""
+    if cpus:
+        try:
+            os.sched_setaffinity(0, {cpus[index % len(cpus)]})
+        except OSError:
+            pass                # the CPU went away meanwhile: run anywhere
 
 
 def setup_logging(verbose, access_log_file=None, serving=True):
@@ -1152,6 +1171,9 @@ def add_server_args(parser):
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                         help="processes sharing the port(s) (default: one per "
                         "CPU, %(default)s here)")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="let workers move between CPUs (by default each "
+                        "of several workers keeps to a CPU of its own)")
     parser.add_argument("--access-log", metavar="FILE",
                         help="write the access log here (reopened on SIGHUP) "
                         "instead of stderr")

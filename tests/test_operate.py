@@ -18,7 +18,7 @@ import blob
 import wire
 import sos
 from cluster import Cluster, Group
-from support import ROOT, InProcess, get_json, request, wait_for
+from support import ROOT, BlobProcess, InProcess, get_json, request, wait_for
 
 
 @pytest.fixture
@@ -281,3 +281,58 @@ def test_access_log_file_in_common_log_format_reopens_on_sighup(blob_process, tm
              and "GET /alive" in log.read_text(), what="access log reopened")
     assert "POST" not in log.read_text()
     assert "POST /blob/abc" in (logs / "access.log.1").read_text()
+
+
+def cpus_of(pid):
+    """The CPUs a process's main thread may run on, from /proc."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("Cpus_allowed_list:"):
+                return cpu_list(line.split(":", 1)[1].strip())
+    raise AssertionError("no Cpus_allowed_list for %d" % pid)
+
+
+def cpu_list(text):
+    cpus = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def children_of(pid):
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name) as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-pin"]])
+def test_each_of_several_workers_keeps_to_a_cpu_of_its_own(tmp_path, flags):
+    """Workers are pinned in turn over the CPUs we may use (the master is
+    worker 0), unless --no-pin; one worker alone is never pinned."""
+    allowed = sorted(os.sched_getaffinity(0))
+    srv = BlobProcess(tmp_path / "store", "--workers", "3", *flags)
+    try:
+        workers = [srv.pid] + wait_for(lambda: len(children_of(srv.pid)) == 2
+                                       and sorted(children_of(srv.pid)),
+                                       what="two forked workers")
+        got = sorted(map(sorted, map(cpus_of, workers)))
+        if flags:
+            assert got == [allowed] * 3
+        else:
+            assert got == sorted([allowed[i % len(allowed)]] for i in range(3))
+        assert request(srv.url + "/alive")[0] == 200
+    finally:
+        srv.stop()
+    single = BlobProcess(tmp_path / "one", "--workers", "1")
+    try:
+        assert sorted(cpus_of(single.pid)) == allowed
+    finally:
+        single.stop()
