@@ -197,8 +197,12 @@ class Cluster:
         self.counters = dict.fromkeys(("copies_made", "copies_failed", "corrupt",
                                        "failovers", "partial", "deletes",
                                        "deletes_pending"), 0)
-        self.executor = ThreadPoolExecutor(max_workers=64,
-                                           thread_name_prefix="upstream")
+        # Senders of large bodies (sendfile) may run on every CPU, even in a
+        # worker kept to one (wire.serve_workers).
+        cpus = os.sched_getaffinity(0)
+        self.executor = ThreadPoolExecutor(
+            max_workers=64, thread_name_prefix="upstream",
+            initializer=lambda: os.sched_setaffinity(0, cpus))
         self._count_lock = threading.Lock()
         self._orders = {}
         self._stop = threading.Event()

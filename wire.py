@@ -481,6 +481,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    spread_from = None
+
+    def spread(self):
+        """Let this request's thread (and threads it starts) run on every CPU
+        until the request ends.  A large transfer's work is in the kernel and
+        in hashlib, which don't hold the GIL: kept to its worker's CPU, a
+        1 GiB verified fetch ran at 0.31x nginx, not 0.43x."""
+        if self.server.cpus and not self.spread_from:
+            self.spread_from = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, self.server.cpus)
+
     def handle_one_request(self):
         self.close_connection = True
         self.head_sent = False
@@ -516,6 +527,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             log.exception("error on %s %s", self.command, self.path)
             self.fail(HTTPError(HTTPStatus.INTERNAL_SERVER_ERROR))
         finally:
+            if self.spread_from:
+                os.sched_setaffinity(0, self.spread_from)
+                self.spread_from = None
             self.server.set_busy(self, False)
             if self.status:
                 self.tally.observe(self.route, self.status,
@@ -674,6 +688,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         never has its body sent.  The client must keep up MIN_RATE on average
         after RATE_GRACE seconds, or the connection is cut."""
         self.server.set_deadline(self, RATE_GRACE)
+        if length is None or length > SMALL_BODY:
+            self.spread()
         if self.headers.get("expect", "").lower() == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.body_left = 1 if length is None else length
@@ -804,6 +820,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 body = chunked(body)
         self.write_head(status, headers, length)
         if not head:
+            if length is None or length > SMALL_BODY:
+                self.spread()       # before the body's threads start
             for data in body:
                 if length is None:      # no overall deadline: one per write
                     self.server.set_deadline(self, IDLE_TIMEOUT)
@@ -822,6 +840,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         self.write_head(status, headers, part.count)
         if part.count and not head:
+            self.spread()
             with open(part.fd, "rb", closefd=False) as f:
                 sent = self.connection.sendfile(f, part.offset, part.count)
             if sent != part.count:
@@ -868,6 +887,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.token = token
         self.tls = tls
         self.reuse_port = reuse_port
+        self.cpus = None         # every CPU, once serve_workers pinned workers
         self._watched = {}       # handler -> [deadline, busy]
         self._watch_lock = threading.Lock()
         self._date = (0, "", "")
@@ -1013,6 +1033,8 @@ def serve_workers(workers, on_start=None, pin=True):
     31k/s and 50 us pinned."""
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)     # see serve()
     cpus = sorted(os.sched_getaffinity(0)) if pin and len(workers) > 1 else []
+    for srv in (srv for servers in workers for srv in servers):
+        srv.cpus = set(cpus) or None
     children = []
     for index, servers in enumerate(workers[1:], 1):
         pid = os.fork()
