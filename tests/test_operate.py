@@ -283,23 +283,6 @@ def test_access_log_file_in_common_log_format_reopens_on_sighup(blob_process, tm
     assert "POST /blob/abc" in (logs / "access.log.1").read_text()
 
 
-def cpus_of(pid):
-    """The CPUs a process's main thread may run on, from /proc."""
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("Cpus_allowed_list:"):
-                return cpu_list(line.split(":", 1)[1].strip())
-    raise AssertionError("no Cpus_allowed_list for %d" % pid)
-
-
-def cpu_list(text):
-    cpus = set()
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        cpus.update(range(int(low), int(high or low) + 1))
-    return cpus
-
-
 def children_of(pid):
     found = []
     for name in os.listdir("/proc"):
@@ -323,7 +306,7 @@ def test_each_of_several_workers_keeps_to_a_cpu_of_its_own(tmp_path, flags):
         workers = [srv.pid] + wait_for(lambda: len(children_of(srv.pid)) == 2
                                        and sorted(children_of(srv.pid)),
                                        what="two forked workers")
-        got = sorted(map(sorted, map(cpus_of, workers)))
+        got = sorted(map(sorted, map(os.sched_getaffinity, workers)))
         if flags:
             assert got == [allowed] * 3
         else:
@@ -333,6 +316,6 @@ def test_each_of_several_workers_keeps_to_a_cpu_of_its_own(tmp_path, flags):
         srv.stop()
     single = BlobProcess(tmp_path / "one", "--workers", "1")
     try:
-        assert sorted(cpus_of(single.pid)) == allowed
+        assert sorted(os.sched_getaffinity(single.pid)) == allowed
     finally:
         single.stop()
