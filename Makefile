@@ -31,7 +31,7 @@ test: $(VENV)/.installed
 dist: dist/.built
 
 # Rebuilt when a program or the build script changes.
-dist/.built: wire.py blobstore.py blob.py cluster.py sos.py replicate.py packaging/build.sh
+dist/.built: $(wildcard *.py) packaging/build.sh
 	packaging/build.sh
 	touch $@
 

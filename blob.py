@@ -37,8 +37,9 @@ Started as root, the server binds, chroots into its store and drops to
 
     blob-server -store data1 -port 4001
 
-The HTTP machinery (parsing with limits, deadlines, replies, workers) and
-the API's rules (ids, metadata, the shard rule) are in wire.py.
+The HTTP server (parsing with limits, deadlines, replies) is httpd.py,
+workers and flags are process.py, and the API's rules (ids, metadata, the
+shard rule) are rules.py.
 """
 
 import ctypes
@@ -53,10 +54,12 @@ from http import HTTPStatus
 
 from blobstore import (QUARANTINE_DIR, TMP_DIR, BlobStore, NoSpace,
                        Tampered, TooLarge)
-from wire import (VERSION, ArgumentParser, FilePart, Handler, HTTPError,
-                  Metrics, Server, add_server_args, blob_headers,
-                  blob_metadata, http_range, parse_size, read_token,
-                  serve_workers, setup_logging, tls_context, valid_id)
+from rules import (VERSION, FilePart, blob_headers, blob_metadata, http_range,
+                   valid_id)
+from metrics import Metrics
+from httpd import HTTPError, Handler, Server
+from process import (ArgumentParser, add_server_args, parse_size, read_token,
+                     serve_workers, setup_logging, tls_context)
 
 DEFAULT_PORT = 3001
 DEFAULT_RECLAIM_AGE = "7d"

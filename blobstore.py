@@ -21,7 +21,7 @@ cache (DirectWriter).  Reads never wait on a writer: uploads, deletes and
 reclaim decide under a flock of the id's leaf directory.
 
 blob.py serves a BlobStore over HTTP; the shard rule and the id checks it
-shares with the other programs are in wire.py.
+shares with the other programs are in rules.py, its only import of ours.
 """
 
 import contextlib
@@ -38,9 +38,9 @@ import threading
 import time
 import types
 
-from wire import (CHUNK, MAX_META_BYTES, Corrupt, InvalidId, Missing,
-                  blob_metadata, compatible, content_hash, hash_update, shard,
-                  valid_id)
+from rules import (CHUNK, MAX_META_BYTES, Corrupt, InvalidId, Missing,
+                   blob_metadata, compatible, content_hash, hash_update, shard,
+                   valid_id)
 
 TMP_DIR = ".tmp"
 QUARANTINE_DIR = ".quarantine"
@@ -235,7 +235,7 @@ class BlobStore:
         os.close(self.tmp_fd)
         os.close(self.root_fd)
 
-    # Layout: ab/cd/abcd... (wire.shard).
+    # Layout: ab/cd/abcd... (rules.shard).
 
     @staticmethod
     def _open_dir(dir_fd, name):

@@ -4,7 +4,7 @@ The cluster model (configuration files, groups, rendezvous placement) and
 Cluster, which uploads, fetches and deletes blobs on the blob-servers and
 keeps their health: what sos-server serves over HTTP and replicate walks.
 Knows nothing of the sos-server's own HTTP; talks to blob-servers through
-wire.Pool.
+upstream.Pool.
 """
 
 import hashlib
@@ -21,8 +21,9 @@ from concurrent.futures import ThreadPoolExecutor, FIRST_COMPLETED, wait
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
-from wire import (CHUNK, VERSION, Corrupt, FilePart, InvalidId, Missing, Pool,
-                  blob_metadata, content_hash, hash_update, valid_id)
+from rules import (CHUNK, VERSION, Corrupt, FilePart, InvalidId, Missing,
+                   blob_metadata, content_hash, hash_update, valid_id)
+from upstream import Pool
 
 CONFIG_FILES = ("/etc/sos.conf", "~/.sos.conf")
 DEFAULT_GROUP = "default"
@@ -198,7 +199,7 @@ class Cluster:
                                        "failovers", "partial", "deletes",
                                        "deletes_pending"), 0)
         # Senders of large bodies (sendfile) may run on every CPU, even in a
-        # worker kept to one (wire.serve_workers).
+        # worker kept to one (process.serve_workers).
         cpus = os.sched_getaffinity(0)
         self.executor = ThreadPoolExecutor(
             max_workers=64, thread_name_prefix="upstream",

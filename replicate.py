@@ -46,8 +46,9 @@ from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 
 from cluster import ConfigError, add_cluster_args, load_groups
-from wire import (CHUNK, ArgumentParser, Pool, blob_metadata, chunked, read_token,
-                  setup_logging, shard, valid_id)
+from rules import CHUNK, blob_metadata, chunked, shard, valid_id
+from upstream import Pool
+from process import ArgumentParser, read_token, setup_logging
 
 PAGE = 10000
 

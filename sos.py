@@ -48,11 +48,13 @@ from http import HTTPStatus
 
 from cluster import (ConfigError, Cluster, Unavailable, add_cluster_args,
                      load_groups)
-from wire import (READ_TIMEOUT, VERSION, ArgumentParser, Corrupt, Handler,
-                  HTTPError, InvalidId, Metrics, Pool, Server, add_server_args,
-                  blob_headers, blob_metadata, hash_update, parse_size,
-                  precondition, read_token, serve_workers, setup_logging,
-                  tls_context, valid_id)
+from rules import (VERSION, Corrupt, InvalidId, blob_headers, blob_metadata,
+                   hash_update, precondition, valid_id)
+from metrics import Metrics
+from httpd import HTTPError, Handler, Server
+from upstream import READ_TIMEOUT, Pool
+from process import (ArgumentParser, add_server_args, parse_size, read_token,
+                     serve_workers, setup_logging, tls_context)
 
 SPOOL_IN_MEMORY = 1 << 20
 DEFAULT_MAX_UPLOAD = "5G"

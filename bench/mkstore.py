@@ -5,7 +5,7 @@ The bench's rows blob_list and replicate need a store of a million blobs,
 and its random-id GET rows a store of a few thousand 4 KiB blobs (--size
 4096).  Uploading them through a blob-server (or calling BlobStore.put)
 fsyncs every blob and its directory, which takes hours; here each blob is
-one os.open/os.write/os.close into the directory wire.shard() names,
+one os.open/os.write/os.close into the directory rules.shard() names,
 with no fsync, and one sync(2) at the end.  The result is exactly the layout a blob-server writes (a blob-server
 started on it lists, digests and serves it like any other store):
 
@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from wire import shard  # noqa: E402  (the layout is the blob-server's)
+from rules import shard  # noqa: E402  (the layout is the blob-server's)
 
 BATCH = 20000
 

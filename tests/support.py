@@ -40,7 +40,7 @@ import blob  # noqa: E402
 import blobstore  # noqa: E402
 import sos  # noqa: E402
 from cluster import Cluster  # noqa: E402
-import wire  # noqa: E402
+import rules  # noqa: E402
 
 
 # --- HTTP and polling -------------------------------------------------------------
@@ -88,10 +88,10 @@ def sha1(data):
 
 
 def blob_path(store, blob_id):
-    """Where a store keeps a blob: <store>/ab/cd/abcd... (wire.shard's rule).
+    """Where a store keeps a blob: <store>/ab/cd/abcd... (rules.shard's rule).
     store is a path or a BlobStore (its .root)."""
     root = store if isinstance(store, (str, os.PathLike)) else store.root
-    return os.path.join(root, *wire.shard(blob_id), blob_id)
+    return os.path.join(root, *rules.shard(blob_id), blob_id)
 
 
 def flip_bit(path, offset, bit=0):

@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import blobstore
-import wire
+import httpd
+import rules
 from support import BLOB_PY, BlobProcess, blob_path, get_json, request, sha1, wait_for
 
 SPEC_ID = re.compile(r"[a-z0-9]{1,128}")     # the id rule, restated
@@ -143,7 +144,7 @@ def wait_for_temp(store, min_size):
 @pytest.mark.parametrize("blob_id", ["a", "0", "abc123", "z" * 128,
                                      hashlib.sha1(b"x").hexdigest()])
 def test_valid_ids_are_lowercase_letters_and_digits(blob_id):
-    assert wire.valid_id(blob_id)
+    assert rules.valid_id(blob_id)
 
 
 @pytest.mark.parametrize("blob_id", [
@@ -151,13 +152,13 @@ def test_valid_ids_are_lowercase_letters_and_digits(blob_id):
     "%2e%2e%2f", "a\x00b", "\u0661\u0662\u0663", "a" * 129, "ab/cd", " abc",
     "\uff41bc", None, b"abc"])
 def test_invalid_ids_are_refused(blob_id):
-    assert not wire.valid_id(blob_id)
+    assert not rules.valid_id(blob_id)
 
 
 def test_shard_layout_is_two_levels_of_two_characters_padded_with_dash():
-    assert wire.shard("abcdef") == ("ab", "cd")
-    assert wire.shard("abc") == ("ab", "c-")
-    assert wire.shard("a") == ("a-", "--")
+    assert rules.shard("abcdef") == ("ab", "cd")
+    assert rules.shard("abc") == ("ab", "c-")
+    assert rules.shard("a") == ("a-", "--")
 
 
 # --- basics ------------------------------------------------------------------
@@ -773,7 +774,7 @@ def test_store_refuses_bad_ids_without_touching_the_filesystem(tmp_path_factory,
         for call in (lambda: store.put(text, [b"abc"], {"X-K": "v"}, 3),
                      lambda: store.open(text), lambda: store.metadata(text),
                      lambda: store.verify(text), lambda: store.exists(text)):
-            with pytest.raises(wire.InvalidId):
+            with pytest.raises(rules.InvalidId):
                 call()
         assert tree(base) == before
     finally:
@@ -1136,7 +1137,7 @@ def test_a_client_that_stops_reading_replies_is_cut_off(blob_server):
     try:
         sock.sendall(b"GET /blob/big HTTP/1.1\r\nHost: x\r\n\r\n" * 300)
         wait_for(lambda: srv.srv._watched, what="the connection to be served")
-        wait_for(lambda: not srv.srv._watched, timeout=wire.RATE_GRACE + 10,
+        wait_for(lambda: not srv.srv._watched, timeout=httpd.RATE_GRACE + 10,
                  what="the stalled connection to be closed")
     finally:
         sock.close()

@@ -15,7 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import blob
-import wire
+import httpd
+import process
 import sos
 from cluster import Cluster, Group
 from support import ROOT, BlobProcess, InProcess, get_json, request, wait_for
@@ -185,7 +186,7 @@ def test_a_silent_tls_client_is_cut_off_at_the_head_deadline(blob_server, certif
     # connection (a socket timeout no longer does), and go on reaping.
     cert, key = certificate
     srv = blob_server()
-    srv.srv.tls = wire.tls_context(cert, key)
+    srv.srv.tls = process.tls_context(cert, key)
     port = srv.srv.server_port
     start = time.monotonic()
     silent = [socket.create_connection(("127.0.0.1", port), timeout=30)
@@ -195,7 +196,7 @@ def test_a_silent_tls_client_is_cut_off_at_the_head_deadline(blob_server, certif
     finally:
         for s in silent:
             s.close()
-    assert time.monotonic() - start < wire.HEAD_TIMEOUT + 2
+    assert time.monotonic() - start < httpd.HEAD_TIMEOUT + 2
 
 
 def test_tls_blob_server_and_sos_server_over_https(blob_server, certificate):
@@ -203,13 +204,13 @@ def test_tls_blob_server_and_sos_server_over_https(blob_server, certificate):
     members = []
     for name in ("t1", "t2"):
         srv = blob_server(name)
-        srv.srv.tls = wire.tls_context(cert, key)
+        srv.srv.tls = process.tls_context(cert, key)
         members.append(srv.url.replace("http:", "https:"))
     client = ssl.create_default_context(cafile=cert)
     cluster = Cluster([Group("tls", members)],
                           pool=sos.Pool(ssl_context=client))
     up, down = sos.make_servers(cluster, "127.0.0.1", 0, 0,
-                                tls=wire.tls_context(cert, key))
+                                tls=process.tls_context(cert, key))
     up, down = InProcess(up), InProcess(down)
     try:
         import http.client
@@ -248,7 +249,7 @@ def test_tls_blob_server_and_sos_server_over_https(blob_server, certificate):
 def test_silent_tls_client_does_not_block_others(blob_server, certificate):
     cert, key = certificate
     srv = blob_server()
-    srv.srv.tls = wire.tls_context(cert, key)
+    srv.srv.tls = process.tls_context(cert, key)
     silent = socket.create_connection(("127.0.0.1", srv.srv.server_port))
     try:
         client = ssl.create_default_context(cafile=cert)

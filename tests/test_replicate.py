@@ -13,7 +13,7 @@ import tempfile
 from hypothesis import given, settings, strategies as st
 
 import blobstore
-import wire
+import rules
 import replicate
 import sos
 from cluster import Group
@@ -224,7 +224,7 @@ def test_digest_shortcut_agrees_with_a_full_comparison(blob_server):
                     srv.store.put(blob_id, [b"body of " + blob_id.encode()])
             members, differ, errors = rep.plan([a.url, b.url])
             assert members == [a.url, b.url] and not errors
-            assert set(differ) == {wire.shard(i)[0]
+            assert set(differ) == {rules.shard(i)[0]
                                    for i in want_a ^ want_b}
             summary = rep.sync(Group("g", [a.url, b.url]))
             assert summary["copied"] == len(want_a ^ want_b)

@@ -22,7 +22,8 @@ import support
 from support import (PYTHON, ROOT, BlobProcess, blob_path, flip_bit,  # noqa: F401
                      get_json, request, sha1, wait_for)
 
-import wire  # noqa: E402
+import httpd  # noqa: E402
+import upstream  # noqa: E402
 
 poll = wait_for
 request_json = get_json
@@ -34,12 +35,12 @@ SOAK_MINUTES = float(os.environ.get("SOAK_MINUTES", "10"))
 
 # Deadlines the servers promise, from the programs themselves so a change
 # there can't make these tests wait for the wrong thing.
-HEAD_TIMEOUT = wire.HEAD_TIMEOUT
-IDLE_TIMEOUT = wire.IDLE_TIMEOUT
-MIN_RATE = wire.MIN_RATE
-RATE_GRACE = wire.RATE_GRACE
-REAPER_PERIOD = wire.REAPER_PERIOD
-CONNECT_TIMEOUT = wire.CONNECT_TIMEOUT
+HEAD_TIMEOUT = httpd.HEAD_TIMEOUT
+IDLE_TIMEOUT = httpd.IDLE_TIMEOUT
+MIN_RATE = httpd.MIN_RATE
+RATE_GRACE = httpd.RATE_GRACE
+REAPER_PERIOD = httpd.REAPER_PERIOD
+CONNECT_TIMEOUT = upstream.CONNECT_TIMEOUT
 
 
 class StallMeter:
