@@ -189,10 +189,11 @@ def json_array(items, batch=2000):
 class BlobServer(Server):
     """A blob-server for `store` bound to `address`; not yet serving."""
 
-    def __init__(self, address, store, token=None, tls=None, reuse_port=False):
+    def __init__(self, address, store, **options):
+        """options: token, tls, reuse_port (see httpd.Server)."""
         self.store = store
         super().__init__(address, BlobHandler, "blob-server", Metrics("sos_blob"),
-                         token, tls, reuse_port)
+                         **options)
 
 
 make_server = BlobServer
@@ -289,13 +290,13 @@ def main(argv=None):
         log.info("start-up: removed %d temp files, adopted %d flat blobs",
                  removed, migrated)
     try:
-        token = read_token(args.cluster_token)
-        tls = tls_context(args.tls_cert, args.tls_key)
-        workers = [BlobServer((args.host, args.port), store, token, tls,
-                              args.workers > 1)]
+        options = dict(token=read_token(args.cluster_token),
+                       tls=tls_context(args.tls_cert, args.tls_key),
+                       reuse_port=args.workers > 1)
+        workers = [BlobServer((args.host, args.port), store, **options)]
         while len(workers) < args.workers:
             workers.append(BlobServer((args.host, workers[0].server_port), store,
-                                      token, tls, True))
+                                      **options))
         srv = workers[0]
     except OSError as e:
         parser.exit(1, "blob-server: %s\n" % e.strerror)

@@ -53,7 +53,7 @@ META_CACHE = 8192         # blobs whose metadata (or its absence) is remembered
 NO_META = types.MappingProxyType({})   # no metadata, shared, read-only
 TOMBSTONE = ".deleted"    # <id>.deleted: the id was deleted at the file's mtime
 
-log = logging.getLogger("blob")
+log = logging.getLogger("blobstore")
 
 
 class NoSpace(Exception):

@@ -36,7 +36,7 @@ BIG_CHUNK = 1 << 20       # a large verified fetch is relayed in these...
 PIPELINE = 4              # ...with this many received ahead of the sending
 ORDER_CACHE = 65536       # ids whose placement order is remembered
 
-log = logging.getLogger("sos")
+log = logging.getLogger("cluster")
 
 
 # --- Cluster model: configuration, groups, placement ------------------------
@@ -459,27 +459,21 @@ class Cluster:
 
     # Fetch.
 
-    def fetch(self, blob_id, method="GET", headers=None):
-        """Find blob_id: returns (status, meta, range headers, length or
-        None, Body).
+    def fetch(self, blob_id, body=True):
+        """Find blob_id: a Blob (its size, metadata and bytes); close it.
 
-        Asks the blob's own group first, then the others.  A copy whose bytes
-        don't match the id is never passed off as good: up to verify_limit
-        bytes it is read and checked before anything is sent, and a bad copy
-        falls over to the next member; a larger one is hashed as it streams
-        and its last chunk withheld if the hash is wrong, so the client sees
-        a truncated transfer, not a bad 200.  Ranged reads are passed through
-        unverified.  Raises Missing (every server said 404) or Unavailable.
-        The caller closes the Body.
-        """
-        headers = headers or {}
-        forward = {k: v for k, v in headers.items() if k in ("range", "if-range")}
+        Asks the blob's own group first, healthy members first, then the
+        other groups.  With body, the bytes are asked for at once (one hop
+        in the common case) and a copy up to verify_limit bytes is read and
+        checked here: a bad copy falls over to the next member before
+        anything is sent.  Without, only the head is asked for (HEAD, 304,
+        412).  Raises Missing (every server said 404) or Unavailable."""
         unasked = []
         for group, _ in self.order(blob_id):
             for member in self.members(blob_id, group):
                 try:
-                    reply = self.pool.request(member, method, "/blob/" + blob_id,
-                                              headers=forward)
+                    reply = self.pool.request(member, "GET" if body else "HEAD",
+                                              "/blob/" + blob_id)
                 except (OSError, http.client.HTTPException) as e:
                     self.unreachable(member, "fetch", blob_id, e)
                     unasked.append(member)
@@ -489,14 +483,12 @@ class Cluster:
                     reply.read()
                     reply.close()
                     continue
-                if reply.status not in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT,
-                                        HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE):
-                    log.warning("fetch of %s from %s: status %d", blob_id, member,
-                                reply.status)
+                try:
+                    found = self._found(blob_id, member, reply, body)
+                except (OSError, http.client.HTTPException) as e:
                     reply.close()
-                    unasked.append(member)
-                    continue
-                found = self._open(blob_id, member, method, reply)
+                    self.unreachable(member, "fetch", blob_id, e)
+                    found = None
                 if found:
                     return found
                 unasked.append(member)
@@ -504,66 +496,116 @@ class Cluster:
             raise Unavailable("%s: could not ask %s" % (blob_id, ", ".join(unasked)))
         raise Missing(blob_id)
 
-    def _open(self, blob_id, member, method, reply):
-        """Turn a blob-server reply into fetch()'s answer, or None if the
-        copy is corrupt."""
+    def _found(self, blob_id, member, reply, body):
+        """A blob-server's 200 as a Blob; None for a bad reply or copy."""
+        length = reply.headers.get("Content-Length", "")
+        if reply.status != HTTPStatus.OK or not length.isdigit():
+            log.warning("fetch of %s from %s: status %d, length %r", blob_id,
+                        member, reply.status, length)
+            reply.close()
+            return None
         try:
             meta = blob_metadata(reply.headers.items())
         except ValueError:
             meta = {}           # a blob-server sent what it should not have
-        ranged = reply.headers.get("Content-Range")
-        extra = [("Content-Range", ranged)] if ranged else []
-        length = reply.headers.get("Content-Length")
-        length = int(length) if length and length.isdigit() else None
-        hasher = content_hash(blob_id)
-        if method == "HEAD" or reply.status != HTTPStatus.OK or not hasher:
-            return reply.status, meta, extra, length, Body(reply)
-        h = hasher()
-        head = bytearray()
-        chunk = b""
-        while len(head) <= self.verify_limit:
-            chunk = reply.read(CHUNK)
-            if not chunk:
-                break
-            head += chunk
-        hash_update(h, head)
-        if chunk:
-            return (reply.status, meta, extra, length,
-                    Body(reply, bytes(head), h, blob_id))
+        blob = StoredBlob(self, blob_id, int(length), meta, member, reply)
+        if not body or blob.size > self.verify_limit:
+            return blob         # a HEAD, or streamed and verified as it goes
+        data = reply.read()
         reply.close()
-        if h.hexdigest() != blob_id:
-            self.count("corrupt")
-            log.error("CORRUPT copy of %s on %s (%d bytes): trying another",
-                      blob_id, member, len(head))
-            return None
-        return reply.status, meta, extra, len(head), Body(None, bytes(head))
+        hasher = content_hash(blob_id)
+        if hasher:
+            h = hasher()
+            hash_update(h, data)
+            if h.hexdigest() != blob_id:
+                self.corrupt("CORRUPT copy of %s on %s (%d bytes): trying "
+                             "another", blob_id, member, len(data))
+                return None
+        blob.data, blob.reply = data, None
+        return blob
+
+    def corrupt(self, *message):
+        """A copy whose bytes don't hash to its id: counted and logged."""
+        self.count("corrupt")
+        log.error(*message)
 
 
-class Body:
-    """A fetched blob's bytes: iterate to stream them, and always close.
+class Blob:
+    """A blob found in the cluster, as sos-server serves it: its size, its
+    ETag (the id), its X-* metadata, and read() for its bytes.  A chunked
+    object will be a second kind of Blob; sos-server knows only this one.
+    Always close a Blob (or use it in a with block)."""
 
-    With a hasher, the last chunk is held back until the whole body hashed to
-    the id; a mismatch raises Corrupt instead, so the client never receives a
-    complete, wrong body.  Receiving and hashing then run in a thread of
-    their own while this one sends (hashlib lets go of the GIL on large
-    buffers), so a large verified fetch uses two cores, not one after the
-    other."""
+    def __init__(self, blob_id, size, meta):
+        self.id, self.etag, self.size, self.meta = blob_id, blob_id, size, meta
 
-    def __init__(self, reply=None, first=b"", hasher=None, blob_id=None):
-        self.reply, self.first, self.hasher, self.blob_id = \
-            reply, first, hasher, blob_id
+    def read(self, offset=0, count=None):
+        """An iterator of the bytes from offset, count of them (None: to the
+        end).  What may fail before the first byte (asking a blob-server)
+        fails here, not in the iteration.  Bytes that don't hash to the id
+        raise Corrupt in the iteration before the last of them is given."""
+        raise NotImplementedError
 
-    def __iter__(self):
-        if not self.hasher:
-            if self.first:
-                yield self.first
-            while self.reply and (chunk := self.reply.read(CHUNK)):
-                yield chunk
-            return
-        # Three stages, each a thread: receive, hash, send (this one); the
-        # copies and the hashing let go of the GIL, so a fetch uses both
-        # cores.  Buffers go round: a fresh 1 MiB buffer per chunk cost more
-        # than the hashing (copying into new pages: 57% of a fetch's CPU).
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class StoredBlob(Blob):
+    """A blob stored whole on a blob-server: `data` when it was read and
+    verified in fetch(), else the member's open `reply`.
+
+    A content id's whole body is always verified: in memory, or as it
+    streams, its last chunk held back until the hash is right.  A range of
+    a small blob is cut from its verified bytes; a range of a larger one is
+    asked of the member and passed through unverified: only the whole can
+    be hashed (chunked objects will verify ranges chunk by chunk)."""
+
+    def __init__(self, cluster, blob_id, size, meta, member, reply):
+        super().__init__(blob_id, size, meta)
+        self.cluster, self.member, self.reply = cluster, member, reply
+        self.data = None
+
+    def read(self, offset=0, count=None):
+        count = self.size - offset if count is None else count
+        if self.data is not None:
+            return iter((self.data[offset:offset + count],))
+        if offset == 0 and count == self.size and self.reply and self.reply.left:
+            hasher = content_hash(self.id)
+            if not hasher:
+                return self._relay(self.reply)
+            return self._verified(self.reply, hasher())
+        return self._range(offset, count)
+
+    def _range(self, offset, count):
+        self.close()            # the whole body's reply, if any: not needed
+        self.reply = self.cluster.pool.request(
+            self.member, "GET", "/blob/" + self.id,
+            headers={"Range": "bytes=%d-%d" % (offset, offset + count - 1)})
+        if self.reply.status != HTTPStatus.PARTIAL_CONTENT or \
+                self.reply.left != count:
+            raise Unavailable("range of %s on %s: status %d" % (
+                self.id, self.member, self.reply.status))
+        return self._relay(self.reply)
+
+    @staticmethod
+    def _relay(reply):
+        while chunk := reply.read(CHUNK):
+            yield chunk
+
+    def _verified(self, reply, hasher):
+        """The whole body, hashed as it streams; its last chunk is held back
+        until the hash is right, so a client never gets a complete wrong
+        body.  Receiving and hashing run in threads of their own while this
+        one sends (all three let go of the GIL), so a large fetch uses two
+        cores, not one after the other."""
+        # Buffers go round: a fresh 1 MiB buffer per chunk cost more than the
+        # hashing (copying into new pages: 57% of a fetch's CPU).
         free, received, chunks = queue.Queue(), queue.Queue(), queue.Queue()
         for _ in range(PIPELINE + 2):
             free.put(bytearray(BIG_CHUNK))
@@ -584,16 +626,16 @@ class Body:
                 chunks.put((None, e))
 
         def receive(buffer):
-            return buffer, memoryview(buffer)[:self.reply.readinto(buffer)]
+            return buffer, memoryview(buffer)[:reply.readinto(buffer)]
 
         def digest(item):
-            hash_update(self.hasher, item[1])
+            hash_update(hasher, item[1])
             return item
         threads = [threading.Thread(target=stage, args=args, daemon=True) for args
                    in ((receive, free, received), (digest, received, chunks))]
         for t in threads:
             t.start()
-        held, held_buffer = self.first, None
+        held, held_buffer = None, None
         try:
             while True:
                 buffer, chunk = chunks.get()
@@ -610,15 +652,17 @@ class Body:
             stop.set()
             for t in threads:
                 t.join()
-        if self.hasher.hexdigest() != self.blob_id:
-            raise Corrupt("CORRUPT copy of %s on %s found while streaming"
-                          % (self.blob_id, self.reply.url))
+        if hasher.hexdigest() != self.id:
+            self.cluster.corrupt("CORRUPT copy of %s on %s found while streaming",
+                                 self.id, self.member)
+            raise Corrupt("CORRUPT copy of %s on %s" % (self.id, self.member))
         if held:
             yield held
 
     def close(self):
         if self.reply:
             self.reply.close()
+            self.reply = None
 
 
 class Unavailable(Exception):

@@ -90,7 +90,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
                   BadMetadata: (HTTPStatus.BAD_REQUEST, None),
                   TooMuchMetadata: (HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, None)}
     tls_failed = False        # the TLS handshake failed: nothing to handle
-    sandbox = True            # replies carry SANDBOX (not our own pages)
     linger = False            # unread request bytes: half-close gently
 
     # The socket stays blocking: the server's reaper enforces every deadline
@@ -314,7 +313,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             getattr(self, method)()
         except Exception as e:
-            mapped = self.exceptions.get(type(e))
+            # Along the class hierarchy: a subclass of a mapped exception
+            # is answered as its nearest mapped ancestor.
+            mapped = next(filter(None, map(self.exceptions.get, type(e).__mro__)),
+                          None)
             if mapped is None:
                 raise
             raise HTTPError(mapped[0], mapped[1] or str(e)) from None
@@ -469,10 +471,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         head = self.command == "HEAD"
         headers = list(headers)
-        if not any(name == "Cache-Control" for name, _ in headers):
+        names = {name for name, _ in headers}
+        if "Cache-Control" not in names:
             headers.append(("Cache-Control", NO_STORE))
-        if self.sandbox:
-            headers += SANDBOX
+        # Every reply is sandboxed; a page of our own sets its own policy.
+        headers += [h for h in SANDBOX if h[0] not in names]
         if isinstance(body, bytes):
             self.write_head(status, headers, len(body), b"" if head else body)
             return
@@ -542,7 +545,7 @@ class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
 
-    def __init__(self, address, handler, name, metrics, token=None, tls=None,
+    def __init__(self, address, handler, name, metrics, *, token=None, tls=None,
                  reuse_port=False):
         """Bind to address; handler serves each connection.  name goes in the
         Server header, metrics counts the requests (servers may share one),

@@ -28,7 +28,9 @@ and is acknowledged once --copies of them have it durably; if the group
 can't take it (members down or full), the next group in the blob's placement
 order does.  A fetch asks the blob's own group first, so it costs one hop in
 the common case, and falls back to the other groups only on a miss.
-Every byte served is checked against the id (see Cluster.fetch).
+A whole blob served under a content id is checked against the id before
+its last byte goes out (see cluster.StoredBlob); ranges of blobs over
+--verify-limit, and blobs under names that are not content ids, can't be.
 
 The cluster model (configuration, groups, placement) and Cluster, which
 stores, fetches and deletes across it, are in cluster.py, which replicate.py
@@ -37,6 +39,7 @@ imports too: they exist once.  Run it as:
     sos-server -blob-server http://localhost:4001,http://localhost:4002
 """
 
+import base64
 import collections
 import hashlib
 import html
@@ -49,7 +52,7 @@ from http import HTTPStatus
 from cluster import (ConfigError, Cluster, Unavailable, add_cluster_args,
                      load_groups)
 from rules import (VERSION, Corrupt, InvalidId, blob_headers, blob_metadata,
-                   hash_update, precondition, valid_id)
+                   hash_update, http_range, precondition, valid_id)
 from metrics import Metrics
 from httpd import HTTPError, Handler, Server
 from upstream import READ_TIMEOUT, Pool
@@ -57,6 +60,16 @@ from process import (ArgumentParser, add_server_args, parse_size, read_token,
                      serve_workers, setup_logging, tls_context)
 
 SPOOL_IN_MEMORY = 1 << 20
+# The status page's one style sheet, allowed by its hash: nothing else on
+# the page may load or run.
+STATUS_STYLE = """
+body{font:14px system-ui,sans-serif;margin:2em;color:#222}
+table{border-collapse:collapse;margin-bottom:1em}td,th{padding:4px 12px;text-align:left}
+tr.member{border-top:1px solid #ddd}.up{color:#080}.down{color:#c00;font-weight:bold}
+.full{color:#b60;font-weight:bold}progress{width:120px;vertical-align:middle}
+"""
+STATUS_PAGE_POLICY = "default-src 'none'; style-src 'sha256-%s'" % base64.b64encode(
+    hashlib.sha256(STATUS_STYLE.encode()).digest()).decode()
 DEFAULT_MAX_UPLOAD = "5G"
 DEFAULT_VERIFY_LIMIT = "1M"
 
@@ -173,34 +186,31 @@ class DownloadHandler(FrontHandler):
         if not valid_id(blob_id):
             raise InvalidId(blob_id)
         # The ETag is the id: preconditions are decided before asking, and a
-        # 304 or 412 needs only the blob's headers (HEAD), never a Range.
+        # 304 or 412 needs only the blob's head.
         decided = precondition(self.headers, blob_id)
-        status, meta, extra, length, body = self.server.cluster.fetch(
-            blob_id, "HEAD" if decided else self.command, self.headers)
-        try:
-            headers = blob_headers(blob_id, meta, ext, bool(self.server.token))
-            if decided or status == HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE:
-                if decided == HTTPStatus.NOT_MODIFIED:
-                    self.send(decided, headers)
-                    return
-                raise HTTPError(decided or status, headers=extra)
-            if body.reply is None:
-                self.send(status, headers + extra, body.first)
-            else:
-                self.send(status, headers + extra, body, length)
-        except (Corrupt, http.client.HTTPException) as e:
-            if isinstance(e, Corrupt):
-                self.server.cluster.count("corrupt")
-            log.error("fetch of %s cut short: %s", blob_id, e)
-            self.close_connection = True
-        finally:
-            body.close()
+        get = self.command == "GET"
+        with self.server.cluster.fetch(blob_id, body=get and not decided) as blob:
+            headers = blob_headers(blob.etag, blob.meta, ext, bool(self.server.token))
+            if decided == HTTPStatus.NOT_MODIFIED:
+                self.send(decided, headers)
+                return
+            if decided:
+                raise HTTPError(decided)
+            status, offset, count, extra = http_range(self.headers, blob.etag,
+                                                      blob.size, self.command)
+            if status == HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE:
+                raise HTTPError(status, headers=extra)
+            body = blob.read(offset, count) if get else ()
+            try:
+                self.send(status, headers + extra, body, count)
+            except (Corrupt, http.client.HTTPException) as e:
+                # The reply has begun: all we can do is cut it short.
+                log.error("fetch of %s cut short: %s", blob_id, e)
+                self.close_connection = True
 
 
 class AdminHandler(Handler):
     """Health, metrics and the status page, on a port of their own."""
-
-    sandbox = False           # the status page is ours, with its own style
 
     routes = {("GET", "health"): "do_health", ("GET", "metrics"): "do_metrics",
               ("GET", "status"): "do_status", ("GET", ""): "do_status"}
@@ -230,8 +240,10 @@ class AdminHandler(Handler):
 
     def do_status(self):
         ok, report = self.server.cluster.report()
-        self.send_text(HTTPStatus.OK, status_page(report, self.server.recent_errors),
-                       "text/html; charset=utf-8")
+        # Our own page: its inline style may apply, nothing else (no script).
+        self.send(HTTPStatus.OK, [("Content-Type", "text/html; charset=utf-8"),
+                                  ("Content-Security-Policy", STATUS_PAGE_POLICY)],
+                  status_page(report, self.server.recent_errors).encode())
 
 
 def status_page(report, errors):
@@ -248,7 +260,7 @@ def status_page(report, errors):
             state = "down" if not m.get("up") else "full" if m.get("full") else "up"
             total, free = m.get("disk_total") or 0, m.get("disk_free") or 0
             used = 100 * (total - free) / total if total else 0
-            disk = ('<div class="bar"><div style="width:%.0f%%"></div></div> '
+            disk = ('<progress max="100" value="%.0f"></progress> '
                     '%.1f of %.1f GiB free' % (used, free / 2**30, total / 2**30)
                     if total else "-")
             rows.append('<tr class="member %s" data-state="%s"><td>%s</td><td>%s%s</td>'
@@ -262,18 +274,11 @@ def status_page(report, errors):
         "<li>none</li>"
     return """<!doctype html>
 <html><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
-<title>SOS status</title><style>
-body{font:14px system-ui,sans-serif;margin:2em;color:#222}
-table{border-collapse:collapse;margin-bottom:1em}td,th{padding:4px 12px;text-align:left}
-tr.member{border-top:1px solid #ddd}.up{color:#080}.down{color:#c00;font-weight:bold}
-.full{color:#b60;font-weight:bold}
-.bar{display:inline-block;width:120px;height:10px;background:#cec;vertical-align:middle}
-.bar div{height:100%%;background:#c66}
-</style></head><body><h1>SOS status: <span class="%s">%s</span></h1>%s
+<title>SOS status</title><style>%s</style></head><body><h1>SOS status: <span class="%s">%s</span></h1>%s
 <h2>Recent errors</h2><ul id="errors">%s</ul>
 <p>sos-server %s &middot; refreshes every 5 s</p></body></html>
-""" % ("up" if report["ok"] else "down", "OK" if report["ok"] else "DEGRADED",
-       "".join(rows), recent, VERSION)
+""" % (STATUS_STYLE, "up" if report["ok"] else "down",
+       "OK" if report["ok"] else "DEGRADED", "".join(rows), recent, VERSION)
 
 
 class RecentErrors(logging.Handler):
@@ -288,18 +293,26 @@ class RecentErrors(logging.Handler):
         self.lines.append(self.format(record))
 
 
+def watch_errors():
+    """RecentErrors on the root logger: every module's warnings and errors,
+    the HTTP server's 500s among them, reach the status page."""
+    errors = RecentErrors()
+    logging.getLogger().addHandler(errors)
+    return errors
+
+
 class FrontServer(Server):
     """The upload or the download port: handler serves it, over cluster."""
 
-    def __init__(self, address, handler, cluster, metrics, max_upload=None,
-                 spool_dir=None, token=None, tls=None, reuse_port=False,
-                 delete_token=None):
+    def __init__(self, address, handler, cluster, metrics, *,
+                 max_upload=parse_size(DEFAULT_MAX_UPLOAD), spool_dir=None,
+                 delete_token=None, **options):
+        """options: token, tls, reuse_port (see httpd.Server)."""
         self.cluster = cluster
         self.max_upload = max_upload
         self.spool_dir = spool_dir
         self.delete_token = delete_token
-        super().__init__(address, handler, "sos-server", metrics, token, tls,
-                         reuse_port)
+        super().__init__(address, handler, "sos-server", metrics, **options)
 
 
 class AdminServer(Server):
@@ -311,15 +324,15 @@ class AdminServer(Server):
         super().__init__(address, AdminHandler, "sos-server", metrics)
 
 
-def make_servers(cluster, host="0.0.0.0", upload_port=9991, download_port=9992,
-                 max_upload=parse_size(DEFAULT_MAX_UPLOAD), spool_dir=None,
-                 upload_token=None, download_token=None, tls=None,
-                 reuse_port=False, delete_token=None):
+def make_servers(cluster, *, host="0.0.0.0", upload_port=9991,
+                 download_port=9992, upload_token=None, download_token=None,
+                 **options):
     """The upload and download servers, bound but not yet serving; they
-    share one set of figures."""
+    share one set of figures.  options: max_upload, spool_dir, delete_token
+    (FrontServer), tls, reuse_port (httpd.Server)."""
     metrics = Metrics("sos")
-    return [FrontServer((host, port), handler, cluster, metrics, max_upload,
-                        spool_dir, token, tls, reuse_port, delete_token)
+    return [FrontServer((host, port), handler, cluster, metrics, token=token,
+                        **options)
             for port, handler, token in ((upload_port, UploadHandler, upload_token),
                                          (download_port, DownloadHandler,
                                           download_token))]
@@ -383,23 +396,28 @@ def main(argv=None):
         return 0
     if args.copies < 1:
         parser.error("--copies must be at least 1")
-    cluster = Cluster(groups, args.copies, args.strict_copies, args.verify_limit,
-                      Pool(timeout=args.timeout,
-                           token=read_token(args.cluster_token)))
-    errors = RecentErrors()
-    log.addHandler(errors)
-    options = (args.max_upload, args.spool_dir, read_token(args.upload_token),
-               read_token(args.download_token), tls_context(args.tls_cert, args.tls_key),
-               args.workers > 1, read_token(args.delete_token))
+    cluster = Cluster(groups, copies=args.copies, strict=args.strict_copies,
+                      verify_limit=args.verify_limit,
+                      pool=Pool(timeout=args.timeout,
+                                token=read_token(args.cluster_token)))
+    errors = watch_errors()
+    options = dict(host=args.api_host, max_upload=args.max_upload,
+                   spool_dir=args.spool_dir,
+                   upload_token=read_token(args.upload_token),
+                   download_token=read_token(args.download_token),
+                   delete_token=read_token(args.delete_token),
+                   tls=tls_context(args.tls_cert, args.tls_key),
+                   reuse_port=args.workers > 1)
     try:
-        servers = make_servers(cluster, args.api_host, args.upload_port,
-                               args.download_port, *options)
+        servers = make_servers(cluster, upload_port=args.upload_port,
+                               download_port=args.download_port, **options)
         servers.append(make_admin_server(cluster, (args.admin_host, args.admin_port),
                                          servers[0].metrics, errors.lines))
         workers = [servers]
         while len(workers) < args.workers:
-            workers.append(make_servers(cluster, args.api_host, servers[0].server_port,
-                                        servers[1].server_port, *options))
+            workers.append(make_servers(cluster, upload_port=servers[0].server_port,
+                                        download_port=servers[1].server_port,
+                                        **options))
     except OSError as e:
         parser.exit(1, "sos-server: %s\n" % e.strerror)
     scheme = "https" if servers[0].tls else "http"

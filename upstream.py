@@ -9,7 +9,6 @@ package, which cost more than the rest of a small fetch.
 
 import http.client
 import json
-import logging
 import socket
 import ssl
 import threading
@@ -22,8 +21,6 @@ from rules import (CHUNK, DIGITS, HEXDIGITS, MAX_CHUNK_LINE, MAX_HEADER_BYTES,
 CONNECT_TIMEOUT = 2.0
 READ_TIMEOUT = 60.0
 POOL_IDLE = 5.0           # seconds an idle upstream connection is reused
-
-log = logging.getLogger("upstream")
 
 
 class Headers:

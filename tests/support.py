@@ -175,7 +175,7 @@ class Front:
         self.groups = groups
         pool = sos.Pool(connect_timeout=1, timeout=timeout)
         self.cluster = Cluster(groups, pool=pool, **options)
-        up, down = sos.make_servers(self.cluster, "127.0.0.1", 0, 0,
+        up, down = sos.make_servers(self.cluster, host="127.0.0.1", upload_port=0, download_port=0,
                                     max_upload=max_upload)
         self.up, self.down = InProcess(up), InProcess(down)
 

@@ -188,7 +188,7 @@ class Site:
         cluster = self.front.cluster
         self.admin = InProcess(sos.make_admin_server(
             cluster, ("127.0.0.1", 0), self.front.up.srv.metrics, ["an old error"]))
-        up, down = sos.make_servers(cluster, "127.0.0.1", 0, 0, download_token=TOKEN)
+        up, down = sos.make_servers(cluster, host="127.0.0.1", upload_port=0, download_port=0, download_token=TOKEN)
         up.server_close()
         self.tokened = InProcess(down)
         gone = blob_server("gone")
@@ -406,11 +406,18 @@ ROWS = [
 
     # 5. Live state and misses are never stored by a cache.
     Row("r05-admin-health-no-store", "admin", req("GET /health HTTP/1.1"), 200,
-        {"cache-control": NO_STORE, "content-type": Media("application/json")}),
+        {"cache-control": NO_STORE, "content-type": Media("application/json"),
+         "x-content-type-options": Is("nosniff"),
+         "content-security-policy": Is("default-src 'none'; sandbox")}),
+    # The status page is ours: its inline style may apply, never a script.
     Row("r05-admin-status-no-store", "admin", req("GET /status HTTP/1.1"), 200,
-        {"cache-control": NO_STORE, "content-type": Media("text/html")}),
+        {"cache-control": NO_STORE, "content-type": Media("text/html"),
+         "x-content-type-options": Is("nosniff"),
+         "content-security-policy": Is(sos.STATUS_PAGE_POLICY)}),
     Row("r05-admin-metrics-no-store", "admin", req("GET /metrics HTTP/1.1"), 200,
-        {"cache-control": NO_STORE, "content-type": Media("text/plain")}),
+        {"cache-control": NO_STORE, "content-type": Media("text/plain"),
+         "x-content-type-options": Is("nosniff"),
+         "content-security-policy": Is("default-src 'none'; sandbox")}),
     Row("r05-blob-stats-no-store", "blob", req("GET /stats HTTP/1.1"), 200,
         {"cache-control": NO_STORE, "content-type": Media("application/json")}),
     Row("r05-blob-blobs-no-store", "blob", req("GET /blobs HTTP/1.1"), 200,

@@ -209,7 +209,7 @@ def test_tls_blob_server_and_sos_server_over_https(blob_server, certificate):
     client = ssl.create_default_context(cafile=cert)
     cluster = Cluster([Group("tls", members)],
                           pool=sos.Pool(ssl_context=client))
-    up, down = sos.make_servers(cluster, "127.0.0.1", 0, 0,
+    up, down = sos.make_servers(cluster, host="127.0.0.1", upload_port=0, download_port=0,
                                 tls=process.tls_context(cert, key))
     up, down = InProcess(up), InProcess(down)
     try:
