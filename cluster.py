@@ -497,21 +497,32 @@ class Cluster:
         raise Missing(blob_id)
 
     def _found(self, blob_id, member, reply, body):
-        """A blob-server's 200 as a Blob; None for a bad reply or copy."""
-        length = reply.headers.get("Content-Length", "")
-        if reply.status != HTTPStatus.OK or not length.isdigit():
-            log.warning("fetch of %s from %s: status %d, length %r", blob_id,
-                        member, reply.status, length)
+        """A blob-server's 200 as a Blob; None for a bad reply or copy.  The
+        Go original sends no Content-Length for HEAD, nor for bodies over
+        2 KiB (chunked): such a Blob's size is None until it was read."""
+        if reply.status != HTTPStatus.OK:
+            log.warning("fetch of %s from %s: status %d", blob_id, member,
+                        reply.status)
             reply.close()
             return None
         try:
             meta = blob_metadata(reply.headers.items())
         except ValueError:
             meta = {}           # a blob-server sent what it should not have
-        blob = StoredBlob(self, blob_id, int(length), meta, member, reply)
-        if not body or blob.size > self.verify_limit:
-            return blob         # a HEAD, or streamed and verified as it goes
-        data = reply.read()
+        length = reply.headers.get("Content-Length", "")
+        blob = StoredBlob(self, blob_id, int(length) if length.isdigit() else None,
+                          meta, member, reply)
+        if not body:
+            blob.close()
+            return blob
+        if blob.size is not None and blob.size > self.verify_limit:
+            return blob         # streamed, and verified as it goes
+        data, chunk = bytearray(), b""
+        while len(data) <= self.verify_limit and (chunk := reply.read(CHUNK)):
+            data += chunk
+        if chunk:               # over verify_limit, of no stated length
+            blob.first = bytes(data)
+            return blob
         reply.close()
         hasher = content_hash(blob_id)
         if hasher:
@@ -521,7 +532,7 @@ class Cluster:
                 self.corrupt("CORRUPT copy of %s on %s (%d bytes): trying "
                              "another", blob_id, member, len(data))
                 return None
-        blob.data, blob.reply = data, None
+        blob.data, blob.size, blob.reply = bytes(data), len(data), None
         return blob
 
     def corrupt(self, *message):
@@ -569,17 +580,18 @@ class StoredBlob(Blob):
     def __init__(self, cluster, blob_id, size, meta, member, reply):
         super().__init__(blob_id, size, meta)
         self.cluster, self.member, self.reply = cluster, member, reply
-        self.data = None
+        self.data = None        # the whole body, read and verified
+        self.first = b""        # the start of a body still being received
 
     def read(self, offset=0, count=None):
-        count = self.size - offset if count is None else count
         if self.data is not None:
-            return iter((self.data[offset:offset + count],))
-        if offset == 0 and count == self.size and self.reply and self.reply.left:
+            end = len(self.data) if count is None else offset + count
+            return iter((self.data[offset:end],))
+        if offset == 0 and count in (None, self.size) and self.reply:
             hasher = content_hash(self.id)
             if not hasher:
-                return self._relay(self.reply)
-            return self._verified(self.reply, hasher())
+                return self._relay(self.reply, self.first)
+            return self._verified(self.reply, self.first, hasher())
         return self._range(offset, count)
 
     def _range(self, offset, count):
@@ -594,11 +606,13 @@ class StoredBlob(Blob):
         return self._relay(self.reply)
 
     @staticmethod
-    def _relay(reply):
+    def _relay(reply, first=b""):
+        if first:
+            yield first
         while chunk := reply.read(CHUNK):
             yield chunk
 
-    def _verified(self, reply, hasher):
+    def _verified(self, reply, first, hasher):
         """The whole body, hashed as it streams; its last chunk is held back
         until the hash is right, so a client never gets a complete wrong
         body.  Receiving and hashing run in threads of their own while this
@@ -635,7 +649,8 @@ class StoredBlob(Blob):
                    in ((receive, free, received), (digest, received, chunks))]
         for t in threads:
             t.start()
-        held, held_buffer = None, None
+        hash_update(hasher, first)
+        held, held_buffer = first, None
         try:
             while True:
                 buffer, chunk = chunks.get()

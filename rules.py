@@ -173,10 +173,13 @@ def http_range(headers, etag, size, method="GET"):
     Returns (status, offset, count, extra headers): 200 whole, 206 partial,
     304 not modified, 412 precondition failed, 416 unsatisfiable.  One range
     only; anything else (multiple ranges, other units), and any Range on HEAD,
-    is ignored and the whole body sent, as RFC 9110 14.2 allows."""
+    is ignored and the whole body sent, as RFC 9110 14.2 allows; so is Range
+    when size is None (a body of unknown length: count None)."""
     status = precondition(headers, etag)
     if status:
         return status, 0, 0, []
+    if size is None:            # not known before it is sent: whole, chunked
+        return HTTPStatus.OK, 0, None, []
     rng = headers.get("range") if method == "GET" else None
     m = rng and RANGE.fullmatch(rng.strip())
     if not m or (not m.group(1) and not m.group(2)) or (

@@ -349,7 +349,8 @@ def dump(groups):
             print("\t%s" % m)
 
 
-def main(argv=None):
+def parser():
+    """sos-server's flags: the Go original's, and ours beside them."""
     parser = ArgumentParser(prog="sos-server",
                             description="SOS upload/download service.")
     add_cluster_args(parser)
@@ -385,17 +386,22 @@ def main(argv=None):
     parser.add_argument("--delete-token", metavar="FILE", help="enable DELETE "
                         "/fetch/<id> on the upload port, with this token")
     add_server_args(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    flags = parser()
+    args = flags.parse_args(argv)
     setup_logging(args.verbose, args.access_log)
     try:
         groups = load_groups(args.blob_server, args.config)
     except ConfigError as e:
-        parser.exit(2, "sos-server: %s\n" % e)
+        flags.exit(2, "sos-server: %s\n" % e)
     if args.dump:
         dump(groups)
         return 0
     if args.copies < 1:
-        parser.error("--copies must be at least 1")
+        flags.error("--copies must be at least 1")
     cluster = Cluster(groups, copies=args.copies, strict=args.strict_copies,
                       verify_limit=args.verify_limit,
                       pool=Pool(timeout=args.timeout,
@@ -419,7 +425,7 @@ def main(argv=None):
                                         download_port=servers[1].server_port,
                                         **options))
     except OSError as e:
-        parser.exit(1, "sos-server: %s\n" % e.strerror)
+        flags.exit(1, "sos-server: %s\n" % e.strerror)
     scheme = "https" if servers[0].tls else "http"
     print("Launching API-server")
     print("upload service   %s://%s:%d/upload" % (scheme, args.api_host,
