@@ -15,11 +15,18 @@ api-server and replicate work against this server unchanged:
                               507 disk full
     GET  /blob/<id>           the bytes (sendfile), with ETag, Range, 304,
                               the X-* headers sent with the upload and
-                              X-Sos-Timestamp; 404 if missing or deleted.
+                              X-Sos-Timestamp; 404 if missing or deleted
+                              (then X-Sos-Deleted: the delete's time).
                               HEAD: the same headers only.
     DELETE /blob/<id>         record a tombstone, remove the blob: 200
-                              {"id", "status": "deleted"|"superseded",
-                              "removed", "timestamp"}
+                              {"id", "status": "deleted"|"superseded"|
+                              "expired" (older than --reclaim-age: no
+                              tombstone), "removed", "timestamp"}
+    DELETE /blob/<id>?moved=TS  a move's removal: the blob or tombstone goes,
+                              leaving none, only if written at TS: 200
+                              {"id", "status": "removed"|"kept", "timestamp"}
+    (A write's X-Sos-Timestamp may be at most 300 s ahead of this server's
+    clock: 400 otherwise.)
     GET  /blobs               JSON array of every id, streamed; sorted, with
                               ?after=ID&limit=N paging and ?prefix=P;
                               ?state=1: [id, timestamp, "blob"|"tombstone"]
@@ -50,12 +57,13 @@ import pwd
 import re
 import sys
 import threading
+import time
 from http import HTTPStatus
 
 from blobstore import (QUARANTINE_DIR, TMP_DIR, BlobStore, NoSpace,
                        Tampered, TooLarge)
-from rules import (VERSION, FilePart, blob_headers, blob_metadata, http_range,
-                   valid_id)
+from rules import (VERSION, FilePart, Missing, blob_headers, blob_metadata,
+                   http_range, valid_id)
 from metrics import Metrics
 from httpd import HTTPError, Handler, Server
 from process import (ArgumentParser, add_server_args, parse_size, read_token,
@@ -63,6 +71,7 @@ from process import (ArgumentParser, add_server_args, parse_size, read_token,
 
 DEFAULT_PORT = 3001
 DEFAULT_RECLAIM_AGE = "7d"
+MAX_CLOCK_AHEAD = 300     # seconds a write's X-Sos-Timestamp may be ahead
 
 log = logging.getLogger("blob")
 
@@ -92,7 +101,16 @@ class BlobHandler(Handler):
 
     def do_get(self):
         blob_id = self.rest
-        fd, size, meta, ts = self.server.store.get(blob_id)
+        try:
+            fd, size, meta, ts = self.server.store.get(blob_id)
+        except Missing:
+            # A delete's time goes along, so a sos-server asking other groups
+            # next serves none of their older copies.
+            deleted = self.server.store.deleted_at(blob_id)
+            if deleted is None:
+                raise
+            raise HTTPError(HTTPStatus.NOT_FOUND, "not found",
+                            [("X-Sos-Deleted", str(deleted))]) from None
         try:
             # The write's time goes along, so replicate's copy carries it.
             headers = blob_headers(blob_id, meta) + [("X-Sos-Timestamp", str(ts))]
@@ -117,10 +135,23 @@ class BlobHandler(Handler):
                                        "status": "OK" if stored else "superseded"})
 
     def do_delete(self):
+        moved = self.params().get("moved")
+        if moved is not None:
+            self.remove_moved(moved)
+            return
         deleted, removed, ts = self.server.store.delete(self.rest, self.timestamp())
         self.send_json(HTTPStatus.OK, {
-            "id": self.rest, "status": "deleted" if deleted else "superseded",
-            "removed": removed, "timestamp": ts})
+            "id": self.rest, "removed": removed, "timestamp": ts, "status":
+            "expired" if deleted is None else "deleted" if deleted else "superseded"})
+
+    def remove_moved(self, moved):
+        """?moved=<ts>: the id moved to its placement group; remove its
+        blob or tombstone only if written at ts, and leave no tombstone."""
+        if not (moved.isascii() and moved.isdigit()):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "bad moved=: nanoseconds since the epoch")
+        removed, ts = self.server.store.remove_moved(self.rest, int(moved))
+        self.send_json(HTTPStatus.OK, {"id": self.rest, "timestamp": ts,
+                                       "status": "removed" if removed else "kept"})
 
     def timestamp(self):
         """The write's X-Sos-Timestamp (ns since the epoch), None if not sent."""
@@ -130,6 +161,13 @@ class BlobHandler(Handler):
         if not (value.isascii() and value.isdigit() and int(value) < 1 << 63):
             raise HTTPError(HTTPStatus.BAD_REQUEST,
                             "bad X-Sos-Timestamp: nanoseconds since the epoch")
+        # A write from the future would win over every later delete of the
+        # id until then: refused beyond the clock skew we tolerate.
+        ahead = (int(value) - time.time_ns()) / 1e9
+        if ahead > MAX_CLOCK_AHEAD:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "X-Sos-Timestamp is %.0f s "
+                            "ahead of this server's clock (at most %d s allowed)"
+                            % (ahead, MAX_CLOCK_AHEAD))
         return int(value)
 
     def do_list(self):
@@ -280,7 +318,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     setup_logging(args.verbose, args.access_log)
 
-    store = BlobStore(args.store, max_size=args.max_size)
+    store = BlobStore(args.store, max_size=args.max_size,
+                      reclaim_age=args.reclaim_age)
     if args.reserve is None:
         st = os.statvfs(store.root_fd)
         args.reserve = min(256 << 20, st.f_blocks * st.f_frsize // 20)

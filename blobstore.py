@@ -31,13 +31,13 @@ import hashlib
 import itertools
 import json
 import logging
-import mmap
 import os
 import stat
 import threading
 import time
 import types
 
+from diskio import DirectWriter, LeafCache, write_all
 from rules import (CHUNK, MAX_META_BYTES, Corrupt, InvalidId, Missing,
                    blob_metadata, compatible, content_hash, hash_update, shard,
                    valid_id)
@@ -46,7 +46,6 @@ TMP_DIR = ".tmp"
 QUARANTINE_DIR = ".quarantine"
 SPACE_CHECK_EVERY = 16 * 1024 * 1024
 DIRECT_MIN = 8 * 1024 * 1024    # bodies this large are written with O_DIRECT
-DIRECT_BLOCK = 1024 * 1024      # in blocks of this size
 RACY_SECONDS = 2.0        # a leaf changed this recently may change again unseen
 LEAF_FDS = 4096           # leaf directories kept open for reads
 META_CACHE = 8192         # blobs whose metadata (or its absence) is remembered
@@ -66,122 +65,6 @@ class TooLarge(Exception):
 
 class Tampered(Exception):
     """A shard directory of the store is not a directory (a planted link)."""
-
-
-class LeafCache:
-    """Open directory fds by key, at most `size`, shared by request threads.
-
-    An fd is closed only once no thread uses it: get() counts a user in,
-    put() out, and an entry pushed out while in use is closed by its last
-    user.  Two short lock holds per use, nothing done under the lock."""
-
-    def __init__(self, size):
-        self.size = size
-        self.lock = threading.Lock()
-        self.entries = {}         # key -> [fd, users, evicted]
-
-    def get(self, key, opener):
-        """The entry [fd, ...] for key, opening it with opener() if needed;
-        hand it back with put()."""
-        with self.lock:
-            entry = self.entries.get(key)
-            if entry:
-                entry[1] += 1
-                return entry
-        fd = opener()
-        with self.lock:
-            entry = self.entries.get(key)
-            if entry:             # another thread opened it meanwhile
-                entry[1] += 1
-            else:
-                entry = self.entries[key] = [fd, 1, False]
-                fd = None
-                if len(self.entries) > self.size:
-                    old = self.entries.pop(next(iter(self.entries)))
-                    old[2] = True
-                    fd = old[0] if old[1] == 0 else None
-        if fd is not None:
-            os.close(fd)
-        return entry
-
-    def put(self, entry):
-        with self.lock:
-            entry[1] -= 1
-            last = entry[1] == 0 and entry[2]
-        if last:
-            os.close(entry[0])
-
-    def drop(self, key, entry):
-        """Forget key's entry (its fd is closed once its users put it back)."""
-        with self.lock:
-            if self.entries.get(key) is entry:
-                del self.entries[key]
-                entry[2] = True
-
-    def close(self):
-        with self.lock:
-            entries, self.entries = list(self.entries.values()), {}
-        for fd, users, _ in entries:
-            os.close(fd)
-
-
-def write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-class DirectWriter:
-    """Writes a file through a page-aligned buffer, whole blocks with
-    O_DIRECT: a large body goes to the disk without first filling the page
-    cache.  Taking fresh page-cache pages cost more than anything else in a
-    large upload (copy_folio_from_iter_atomic: 60% of the CPU of a 1 GiB
-    upload); O_DIRECT wrote 1 GiB in a third of the time and CPU.  The tail,
-    less than a block, is written through the page cache.  On a filesystem
-    without O_DIRECT, every write goes through the page cache."""
-
-    def __init__(self, fd):
-        self.fd = fd
-        self.buffer = mmap.mmap(-1, DIRECT_BLOCK)      # page-aligned
-        self.view = memoryview(self.buffer)
-        self.filled = 0
-        self.direct = self._direct(True)
-
-    def _direct(self, on):
-        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
-        try:
-            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | os.O_DIRECT if on
-                        else flags & ~os.O_DIRECT)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            return False
-        return on
-
-    def write(self, data):
-        data = memoryview(data)
-        while data:
-            n = min(len(data), DIRECT_BLOCK - self.filled)
-            self.view[self.filled:self.filled + n] = data[:n]
-            self.filled += n
-            data = data[n:]
-            if self.filled == DIRECT_BLOCK:
-                # A short write would leave the next one unaligned (EINVAL);
-                # a regular file takes less than asked only when it is full.
-                if os.write(self.fd, self.view) != DIRECT_BLOCK:
-                    raise OSError(errno.ENOSPC, "disk full")
-                self.filled = 0
-
-    def finish(self):
-        """Write the tail (the file offset is block-aligned, the length not)."""
-        if self.direct:
-            self._direct(False)
-        write_all(self.fd, self.view[:self.filled])
-        self.filled = 0
-
-    def close(self):
-        self.view.release()
-        self.buffer.close()
 
 
 @contextlib.contextmanager
@@ -204,12 +87,15 @@ class BlobStore:
     after the process chroots into it.
     """
 
-    def __init__(self, root, reserve=0, max_size=None):
+    def __init__(self, root, reserve=0, max_size=None, reclaim_age=None):
+        """reclaim_age: seconds a tombstone is kept (None: for ever); a delete
+        older than that leaves none (see delete)."""
         os.makedirs(root, exist_ok=True)
         self.root = os.path.abspath(root)
         self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         self.reserve = reserve
         self.max_size = max_size
+        self.reclaim_age = reclaim_age
         for name in (TMP_DIR, QUARANTINE_DIR):
             try:
                 os.mkdir(name, 0o755, dir_fd=self.root_fd)
@@ -538,8 +424,14 @@ class BlobStore:
         If the id's blob or tombstone is newer, nothing changes: deleted is
         False, timestamp that state's.  A tie deletes a blob (the tombstone
         wins ties).  The tombstone is on disk before the blob goes, so a
-        crash leaves the blob whole or deleted.  Raises InvalidId, NoSpace."""
+        crash leaves the blob whole or deleted.  A delete older than
+        reclaim_age removes an older blob but leaves no tombstone: it would
+        be reclaimed at once, and a member that reclaimed it would get it
+        back from replicate (sent by a member that had not yet), and so on
+        for ever.  Then deleted is None.  Raises InvalidId, NoSpace."""
         ts = time.time_ns() if timestamp is None else timestamp
+        expired = self.reclaim_age is not None and \
+            ts < time.time_ns() - self.reclaim_age * 1e9
         with no_space(), self._leaf(blob_id, create=True, lock=True) as leaf:
             old, tomb = self._settle(leaf, blob_id)
             now = old or tomb
@@ -547,12 +439,46 @@ class BlobStore:
                 return False, 0, now.st_mtime_ns
             if tomb and tomb.st_mtime_ns == ts:
                 return True, 0, ts
+            if expired:
+                removed = self._remove_blob(leaf, blob_id)
+                os.fsync(leaf)
+                return None, removed, ts
             tmp, _ = self._write_temp([], mtime=ts)
             os.rename(tmp, blob_id + TOMBSTONE, src_dir_fd=self.tmp_fd,
                       dst_dir_fd=leaf)
             removed = self._remove_blob(leaf, blob_id)
             os.fsync(leaf)
             return True, removed, ts
+
+    def remove_moved(self, blob_id, timestamp):
+        """Remove blob_id's blob or tombstone if it was written at
+        `timestamp`, leaving no tombstone: what a move does in the group the
+        id leaves, once its placement group holds it.  A newer write (an
+        upload or a delete since the copy) stays.  Returns (removed, the
+        timestamp of what is there now, None if nothing)."""
+        try:
+            with self._leaf(blob_id, lock=True) as leaf:
+                old, tomb = self._settle(leaf, blob_id)
+                now = old or tomb
+                if not now or now.st_mtime_ns != timestamp:
+                    return False, now and now.st_mtime_ns
+                if old:
+                    self._remove_blob(leaf, blob_id)
+                else:
+                    os.unlink(blob_id + TOMBSTONE, dir_fd=leaf)
+                os.fsync(leaf)
+                return True, None
+        except Missing:           # not even its leaf directory
+            return False, None
+
+    def deleted_at(self, blob_id):
+        """The timestamp of blob_id's tombstone, None if it has none."""
+        try:
+            with self._leaf(blob_id) as leaf:
+                tomb = self._stat_in(leaf, blob_id + TOMBSTONE)
+        except Missing:
+            return None
+        return tomb and tomb.st_mtime_ns
 
     def _settle(self, leaf, blob_id):
         """blob_id's (blob stat, tombstone stat), at most one of them set:

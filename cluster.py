@@ -99,8 +99,9 @@ def parse_config(text, filename="<config>"):
         try:
             if sectioned and eq and key.strip().lower() == "weight":
                 group.weight = float(value)
-                if not (group.weight > 0 and math.isfinite(group.weight)):
-                    raise ValueError("weight must be a positive number")
+                if not (group.weight >= 0 and math.isfinite(group.weight)):
+                    raise ValueError("weight must be a number, 0 or more "
+                                     "(0: draining)")
                 continue
             url = line
             if sectioned and not line.startswith(("http://", "https://")):
@@ -152,6 +153,9 @@ def load_groups(blob_servers=None, config=None):
     if not any(g.members for g in groups):
         raise ConfigError("no blob-servers configured: give -blob-server URL,URL "
                           "or list them in /etc/sos.conf or ~/.sos.conf")
+    if not any(g.weight > 0 for g in groups):
+        raise ConfigError("every group has weight 0 (draining): blobs would "
+                          "have nowhere to go")
     return groups
 
 
@@ -171,7 +175,8 @@ def rank(key, items, name=lambda x: x, weight=lambda x: 1.0):
 
 
 def placement(blob_id, groups):
-    """The groups in the order blob_id should be stored in and fetched from."""
+    """The groups in the order blob_id should be stored in and fetched from;
+    the first is its placement group.  Draining groups (weight 0) come last."""
     return rank(blob_id, groups, lambda g: g.name, lambda g: g.weight)
 
 
@@ -307,7 +312,8 @@ class Cluster:
         # One time for every copy: each member orders this upload and any
         # delete of the id by it (last writer wins).
         meta = dict(meta, **{"X-Sos-Timestamp": str(time.time_ns())})
-        order = [g for g, _ in self.order(blob_id)]
+        # A draining group (weight 0) takes no new uploads.
+        order = [g for g, _ in self.order(blob_id) if g.weight > 0]
         # Groups known to be full or down go last, but are still tried:
         # health may be stale, and a late copy beats no copy.
         order.sort(key=lambda g: sum(map(self.usable, g.members)) <
@@ -467,8 +473,12 @@ class Cluster:
         in the common case) and a copy up to verify_limit bytes is read and
         checked here: a bad copy falls over to the next member before
         anything is sent.  Without, only the head is asked for (HEAD, 304,
-        412).  Raises Missing (every server said 404) or Unavailable."""
-        unasked = []
+        412).  A copy no newer than a delete seen on the way (a group asked
+        earlier said 404 with X-Sos-Deleted) is not served: an id moved or
+        diverted under another configuration must not come back from an
+        older group.  Raises Missing (every server said 404, or only older
+        copies were left) or Unavailable."""
+        unasked, deleted = [], -1
         for group, _ in self.order(blob_id):
             for member in self.members(blob_id, group):
                 try:
@@ -480,7 +490,14 @@ class Cluster:
                     continue
                 log.debug("fetch of %s from %s: %d", blob_id, member, reply.status)
                 if reply.status == HTTPStatus.NOT_FOUND:
+                    deleted = max(deleted, number(reply.headers.get("X-Sos-Deleted")))
                     reply.read()
+                    reply.close()
+                    continue
+                if deleted >= 0 and \
+                        number(reply.headers.get("X-Sos-Timestamp")) <= deleted:
+                    log.info("fetch of %s: %s holds a copy older than its delete",
+                             blob_id, member)
                     reply.close()
                     continue
                 try:
@@ -678,6 +695,11 @@ class StoredBlob(Blob):
         if self.reply:
             self.reply.close()
             self.reply = None
+
+
+def number(text, default=-1):
+    """An integer header value, default if absent or not one."""
+    return int(text) if text and text.isascii() and text.isdigit() else default
 
 
 class Unavailable(Exception):

@@ -32,12 +32,16 @@ never spread: it is reported and another holder is tried.  --scrub asks every
 member to re-hash its blobs (POST /verify/<id>); a bad file is moved to the
 member's quarantine and restored from a good member by the same run.
 
+--rebalance first moves every id that lives outside its placement group into
+it (see the Rebalance section below), --dry-run says what it would move.
+
 Exit status: 0 every group in sync; 1 some copies failed or a member was
 unreachable (the rest still synced); 2 usage or configuration error.
 """
 
 import heapq
 import http.client
+import json
 import logging
 import sys
 import threading
@@ -45,7 +49,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 
-from cluster import ConfigError, add_cluster_args, load_groups
+from cluster import ConfigError, add_cluster_args, load_groups, placement
 from rules import CHUNK, blob_metadata, chunked, shard, valid_id
 from upstream import Pool
 from process import ArgumentParser, read_token, setup_logging
@@ -66,7 +70,7 @@ class Progress:
         self.live = live
         self.lock = threading.Lock()
         self.copied = self.bytes = self.failed = self.examined = self.deleted = 0
-        self.corrupt = self.scrubbed = self.quarantined = 0
+        self.corrupt = self.scrubbed = self.quarantined = self.moved = 0
         self.start = time.monotonic()
         self.last_draw = 0.0
         self.fraction = 0.0       # of the work, as far as it can be known
@@ -87,9 +91,10 @@ class Progress:
         if 0 < self.fraction < 1:
             eta = " ETA %ds" % (elapsed / self.fraction - elapsed)
         sys.stderr.write("\r\033[K%d examined, %d copied (%.1f MiB, %.1f MiB/s), "
-                         "%d deleted, %d failed%s%s" % (
+                         "%d deleted, %d moved, %d failed%s%s" % (
                              self.examined, self.copied, self.bytes / 2**20,
-                             self.bytes / 2**20 / elapsed, self.deleted, self.failed,
+                             self.bytes / 2**20 / elapsed, self.deleted, self.moved,
+                             self.failed,
                              ", %d scrubbed" % self.scrubbed if self.scrubbed else "",
                              eta))
         sys.stderr.flush()
@@ -205,7 +210,7 @@ class Replicator:
         buckets = prefixes if prefixes is not None else [None]
         for n, bucket in enumerate(buckets):
             prefix = (bucket or "").rstrip("-")
-            streams = [self._tagged(m, prefix) for m in members]
+            streams = [self.tagged(m, prefix) for m in members]
             current, states = None, {}
             for blob_id, member, ts, kind in heapq.merge(*streams):
                 if bucket and shard(blob_id)[0] != bucket:
@@ -219,7 +224,7 @@ class Replicator:
                 yield from self._actions(current, states, members)
             self.progress.fraction = (n + 1) / len(buckets)
 
-    def _tagged(self, member, prefix):
+    def tagged(self, member, prefix):
         for blob_id, ts, kind in self.states(member, prefix):
             yield blob_id, member, ts, kind
 
@@ -239,6 +244,18 @@ class Replicator:
 
     def copy(self, blob_id, holders, target):
         """Stream blob_id from a holder to target; True on success."""
+        done = self.transfer(blob_id, holders, target)
+        if done is None:
+            self.progress.add(failed=1)
+            return False
+        if done[0] == "copied":
+            self.progress.add(copied=1, bytes=done[1])
+        return True
+
+    def transfer(self, blob_id, holders, target):
+        """Stream blob_id, with its metadata and timestamp, from the first
+        holder that can to target, which verifies it: ("copied", bytes),
+        ("superseded", 0) if target holds a newer delete, None on failure."""
         for source in holders:
             try:
                 reply = self.pool.request(source, "GET", "/blob/" + blob_id)
@@ -274,11 +291,10 @@ class Replicator:
             if out.status == HTTPStatus.OK and b'"superseded"' in answer:
                 # A delete newer than this copy reached the target meanwhile.
                 log.info("%s: %s holds a newer delete", blob_id, target)
-                return True
+                return "superseded", 0
             if out.status == HTTPStatus.OK:
                 log.info("copied %s %s -> %s", blob_id, source, target)
-                self.progress.add(copied=1, bytes=int(length or 0))
-                return True
+                return "copied", int(length or 0)
             if out.status == HTTPStatus.UNPROCESSABLE_ENTITY:
                 log.error("CORRUPT copy of %s on %s: refused by %s; run "
                           "replicate --scrub to quarantine and repair it",
@@ -287,25 +303,33 @@ class Replicator:
             else:
                 log.warning("%s: %s refused the copy: %d %s", blob_id, target,
                             out.status, answer[:200])
-        self.progress.add(failed=1)
-        return False
+        return None
 
     def delete(self, blob_id, ts, target):
         """Record blob_id's tombstone, as of ts, on target; True on success."""
+        status = self.ask(target, "DELETE", "/blob/" + blob_id,
+                          {"X-Sos-Timestamp": str(ts)})
+        if status is None:
+            self.progress.add(failed=1)
+            return False
+        self.progress.add(deleted=int(status == "deleted"))
+        return True
+
+    def ask(self, member, method, path, headers=None):
+        """A blob-server's answer to a request without a body: the "status"
+        of its 200 JSON reply, None (logged) if it failed."""
         try:
-            reply = self.pool.request(target, "DELETE", "/blob/" + blob_id,
-                                      headers={"X-Sos-Timestamp": str(ts)})
+            reply = self.pool.request(member, method, path, headers=headers)
             answer = reply.read()
             reply.close()
-        except (OSError, http.client.HTTPException) as e:
-            reply, answer = None, str(e).encode()
-        if reply and reply.status == HTTPStatus.OK:
-            log.info("%s: tombstone sent to %s: %s", blob_id, target, answer.strip())
-            self.progress.add(deleted=int(b'"deleted"' in answer))
-            return True
-        log.warning("%s: delete on %s failed: %s", blob_id, target, answer[:200])
-        self.progress.add(failed=1)
-        return False
+            if reply.status == HTTPStatus.OK:
+                status = json.loads(answer).get("status")
+                log.info("%s %s on %s: %s", method, path, member, status)
+                return status
+        except (OSError, http.client.HTTPException, ValueError, AttributeError) as e:
+            answer = str(e).encode()
+        log.warning("%s %s on %s failed: %s", method, path, member, answer[:200])
+        return None
 
     def sync(self, group):
         """Bring group's members into agreement; returns a summary dict."""
@@ -381,13 +405,185 @@ class Replicator:
         return bad
 
 
-def main(argv=None):
+# --- Rebalance: moving ids into their placement group ---------------------------
+
+# After a group is added or drained (weight 0), and after uploads diverted
+# while their own group was full, some ids live outside their placement group
+# (the first of cluster.placement).  A fetch still finds them, one miss later;
+# a group that is taken out of the configuration takes them with it.
+# `replicate --rebalance` moves them, one id at a time, in the order every peer
+# that did this safely converged on (copy, verify at the target, only then
+# remove at the source; compare versions, never mere presence):
+#
+# 1. Copy.  The id's newest state in its old group, a blob with its X-* metadata
+#    and timestamp or a tombstone with its time, goes to every reachable member
+#    of its placement group.  Each receiving blob-server checks the bytes
+#    against the id and has them on disk before it answers, as for any copy.
+# 2. Check.  Only if every reachable member of the placement group answered so,
+#    and at least --copies of them, does the move go on.  Otherwise the id
+#    stays where it is, where reads still find it, and the run reports a
+#    failure (exit 1): a member down or full in the placement group holds a
+#    move up, never loses it.
+# 3. Remove.  Each member of the old group that listed the id is asked to
+#    remove exactly the version it listed (DELETE /blob/<id>?moved=<its
+#    timestamp>), leaving no tombstone.  A newer upload of the id (a sos-server
+#    still on the old configuration) or a newer delete that landed meanwhile
+#    is kept, and a later run moves it.
+#
+# Every step can be repeated, so a move stopped anywhere (Ctrl-C, SIGTERM,
+# kill -9) is finished by running it again; until then the id is in both
+# groups, or only in its old one, never in neither.  A tombstone moves like a
+# blob, so a delete is never undone by a move; a sos-server asking an old group
+# after a newer delete in the placement group serves none of its older copies
+# (see Cluster.fetch).
+
+class Mover:
+    """Moves misplaced ids of every group into their placement group, over
+    a Replicator's connections and progress.  `rate` is moves per second
+    (0: no limit): each move of a small blob costs its targets two durable
+    writes and its sources two more, so the blob count, not the bytes, is
+    what production traffic competes with."""
+
+    def __init__(self, replicator, groups, copies=2, rate=0):
+        self.rep = replicator
+        self.groups = groups
+        self.copies = copies
+        self.interval = 1.0 / rate if rate else 0.0
+        self.lock = threading.Lock()
+        self.summary = {g.name: dict.fromkeys(
+            ("moved_in", "moved_out", "bytes", "failed", "left", "unreachable"), 0)
+            for g in groups}
+        self.up = set()
+
+    def alive(self, member):
+        try:
+            reply = self.rep.pool.request(member, "GET", "/alive")
+            reply.read()
+            reply.close()
+            return reply.status == HTTPStatus.OK
+        except OSError as e:
+            log.error("%s is unreachable: %s", member, e)
+            return False
+
+    def run(self):
+        """Move the misplaced ids out of every group; returns the summary,
+        {group name: {moved_in, moved_out, bytes, failed, left, unreachable}}."""
+        members = [m for g in self.groups for m in g.members]
+        self.up = {m for m in members if self.alive(m)}
+        for group in self.groups:
+            self.move_out(group)
+        return self.summary
+
+    def move_out(self, group):
+        """Move every id that group's reachable members list and that belongs
+        in another group; ids are examined in order, moves run in parallel."""
+        down = [m for m in group.members if m not in self.up]
+        self.count(group, unreachable=len(down))
+        members = [m for m in group.members if m in self.up]
+        streams = [self.rep.tagged(m, "") for m in members]
+        with ThreadPoolExecutor(self.rep.jobs) as pool:
+            try:
+                self._submit(pool, group, self._ids(streams))
+            except Unreachable as e:
+                log.error("group %s: listing stopped: %s", group.name, e)
+                self.count(group, unreachable=1)
+
+    def _submit(self, pool, group, ids):
+        slots = threading.BoundedSemaphore(self.rep.jobs * 2)    # bounded backlog
+        next_at = time.monotonic()
+        for blob_id, states in ids:
+            target = placement(blob_id, self.groups)[0]
+            if target is group:
+                continue
+            if self.rep.dry_run:
+                print("would move %s (%s) %s -> %s" % (
+                    blob_id, "tombstone" if max(states.values())[1] else "blob",
+                    group.name, target.name))
+                self.count(group, left=1)
+                continue
+            if self.interval:
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                next_at = max(next_at, time.monotonic() - 1) + self.interval
+            slots.acquire()
+            pool.submit(self._job, slots, blob_id, states, group, target)
+
+    @staticmethod
+    def _ids(streams):
+        """(id, {member: (timestamp, is tombstone)}) from merged listings."""
+        current, states = None, {}
+        for blob_id, member, ts, kind in heapq.merge(*streams):
+            if blob_id != current:
+                if current is not None:
+                    yield current, states
+                current, states = blob_id, {}
+            states[member] = (ts, kind == "tombstone")
+        if current is not None:
+            yield current, states
+
+    def _job(self, slots, blob_id, states, source, target):
+        try:
+            self.move(blob_id, states, source, target)
+        except Exception:
+            log.exception("%s: move %s -> %s failed", blob_id, source.name,
+                          target.name)
+            self.count(source, failed=1, left=1)
+        finally:
+            slots.release()
+
+    def move(self, blob_id, states, source, target):
+        """Copy blob_id's newest state to target's reachable members; once
+        they all hold it (at least --copies), remove from each member of
+        source the version it listed.  True if moved."""
+        ts, deleted = max(states.values())
+        members = [m for m in target.members if m in self.up]
+        need = min(self.copies, len(target.members))
+        if len(members) < need:
+            log.warning("%s: stays in %s: %d of %s's members reachable, %d needed",
+                        blob_id, source.name, len(members), target.name, need)
+            self.count(source, failed=1, left=1)
+            return False
+        size = 0
+        if deleted:
+            held = all(self.rep.ask(m, "DELETE", "/blob/" + blob_id,
+                                    {"X-Sos-Timestamp": str(ts)}) for m in members)
+        else:
+            holders = sorted((m for m in states if not states[m][1]),
+                             key=lambda m: -states[m][0])
+            done = [self.rep.transfer(blob_id, holders, m) for m in members]
+            held = all(done)
+            size = max((d[1] for d in done if d), default=0)
+        if not held:
+            log.warning("%s: stays in %s: not every reachable member of %s "
+                        "took it", blob_id, source.name, target.name)
+            self.count(source, failed=1, left=1)
+            return False
+        removed = [self.rep.ask(member, "DELETE", "/blob/%s?moved=%d" % (
+            blob_id, listed)) == "removed" for member, (listed, _) in states.items()]
+        if all(removed):
+            self.count(source, moved_out=1, bytes=size)
+        else:
+            self.count(source, left=1)     # newer meanwhile, or unreachable
+        self.count(target, moved_in=1)
+        self.rep.progress.add(moved=1, bytes=size)
+        return True
+
+    def count(self, group, **counts):
+        with self.lock:
+            for name, n in counts.items():
+                self.summary[group.name][name] += n
+
+
+def parser():
+    """replicate's flags."""
     parser = ArgumentParser(prog="replicate",
                             description="Copy every blob to every member of its "
                             "SOS group.")
     add_cluster_args(parser)
     parser.add_argument("--dry-run", action="store_true",
-                        help="say what would be copied and deleted, change nothing")
+                        help="say what would be copied, deleted and moved; "
+                        "change nothing")
     # Copies wait mostly on the receiver's fsyncs, so many can overlap.
     parser.add_argument("--jobs", type=int, default=16,
                         help="parallel transfers (default %(default)s)")
@@ -398,29 +594,47 @@ def main(argv=None):
     parser.add_argument("--scrub-rate", type=float, default=200,
                         help="blobs verified per second per member (default "
                         "%(default)s; 0 for no limit)")
+    parser.add_argument("--rebalance", action="store_true",
+                        help="first move every blob and tombstone outside its "
+                        "placement group into it (see README: Growing, "
+                        "shrinking and replacing)")
+    parser.add_argument("--rate", type=float, default=0,
+                        help="--rebalance: moves per second (default: no limit)")
+    parser.add_argument("--copies", type=int, default=2,
+                        help="--rebalance: a move needs this many copies in the "
+                        "placement group (default 2, capped by its size)")
     parser.add_argument("--timeout", type=float, default=60)
     parser.add_argument("--cluster-token", metavar="FILE",
                         help="shared secret of the blob-servers")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    flags = parser()
+    args = flags.parse_args(argv)
     setup_logging(args.verbose, serving=False)
     if not args.verbose:
-        logging.getLogger("replicate").setLevel(logging.WARNING)
-    if args.jobs < 1:
-        parser.error("--jobs must be at least 1")
+        log.setLevel(logging.WARNING)
+    if args.jobs < 1 or args.copies < 1 or args.rate < 0:
+        flags.error("--jobs and --copies must be at least 1, --rate at least 0")
     try:
         groups = load_groups(args.blob_server, args.config)
     except ConfigError as e:
-        parser.exit(2, "replicate: %s\n" % e)
+        flags.exit(2, "replicate: %s\n" % e)
+    everywhere = groups
     if args.group:
         groups = [g for g in groups if g.name == args.group]
         if not groups:
-            parser.exit(2, "replicate: no group named %r\n" % args.group)
+            flags.exit(2, "replicate: no group named %r\n" % args.group)
 
     progress = Progress(sys.stderr.isatty())
     rep = Replicator(Pool(timeout=args.timeout, token=read_token(args.cluster_token)),
                      args.jobs, args.dry_run, progress)
-    summaries = []
     status = 0
+    moves = None
+    if args.rebalance:
+        moves = Mover(rep, everywhere, args.copies, args.rate).run()
+    summaries = []
     for group in groups:
         if args.scrub:
             for member in group.members:
@@ -431,6 +645,12 @@ def main(argv=None):
                     status = 1
         summaries.append(rep.sync(group))
     progress.end()
+    return report(summaries, moves, everywhere, progress) or status
+
+
+def report(summaries, moves, groups, progress):
+    """Print the run's summary; returns the exit status it implies."""
+    status = 0
     print("%-12s %10s %8s %8s %7s %12s %8s" % ("group", "examined", "copied",
                                                "deleted", "failed", "unreachable",
                                                "seconds"))
@@ -443,6 +663,20 @@ def main(argv=None):
     if progress.corrupt or progress.quarantined:
         print("corrupt copies refused: %d, quarantined by scrub: %d"
               % (progress.corrupt, progress.quarantined))
+    if moves is None:
+        return status
+    print("%-12s %10s %10s %14s %7s %8s" % ("moves", "moved-in", "moved-out",
+                                            "bytes-moved", "failed", "left"))
+    for g in groups:
+        m = moves[g.name]
+        print("%-12s %10d %10d %14d %7d %8d" % (g.name, m["moved_in"], m["moved_out"],
+                                                m["bytes"], m["failed"], m["left"]))
+        status = status or int(bool(m["failed"] or m["unreachable"]))
+        if g.weight == 0:
+            print("group %s is draining: %s" % (g.name, "EMPTY: remove it from the "
+                  "configuration" if not (m["left"] or m["unreachable"]) else
+                  "%d id(s) left, %d member(s) unreachable: run again"
+                  % (m["left"], m["unreachable"])))
     return status
 
 
