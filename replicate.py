@@ -43,6 +43,8 @@ import heapq
 import http.client
 import json
 import logging
+import os
+import re
 import sys
 import threading
 import time
@@ -603,6 +605,10 @@ def parser():
     parser.add_argument("--copies", type=int, default=2,
                         help="--rebalance: a move needs this many copies in the "
                         "placement group (default 2, capped by its size)")
+    parser.add_argument("--metrics-file", metavar="PATH",
+                        help="write the run's summary here in Prometheus text "
+                        "format (atomically), e.g. for node_exporter's textfile "
+                        "collector")
     parser.add_argument("--timeout", type=float, default=60)
     parser.add_argument("--cluster-token", metavar="FILE",
                         help="shared secret of the blob-servers")
@@ -645,7 +651,14 @@ def main(argv=None):
                     status = 1
         summaries.append(rep.sync(group))
     progress.end()
-    return report(summaries, moves, everywhere, progress) or status
+    status = report(summaries, moves, everywhere, progress) or status
+    if args.metrics_file:
+        try:
+            write_metrics(args.metrics_file, summaries, moves)
+        except OSError as e:
+            log.error("cannot write %s: %s", args.metrics_file, e)
+            status = 1
+    return status
 
 
 def report(summaries, moves, groups, progress):
@@ -678,6 +691,57 @@ def report(summaries, moves, groups, progress):
                   "%d id(s) left, %d member(s) unreachable: run again"
                   % (m["left"], m["unreachable"])))
     return status
+
+
+METRICS = (("examined", "ids compared"), ("copied", "copies made"),
+           ("moved", "ids moved out of the group"), ("deleted", "tombstones sent"),
+           ("failed", "copies, deletes and moves that failed"),
+           ("unreachable", "members that could not be asked"),
+           ("seconds", "how long the group took"))
+LAST_SUCCESS = re.compile(r'sos_replicate_last_success_timestamp_seconds'
+                          r'\{group="((?:[^"\\]|\\.)*)"\} ([0-9.e+]+)')
+
+
+def write_metrics(path, summaries, moves):
+    """The run's summary per group in Prometheus text format, replacing
+    path atomically (written beside it, fsynced, renamed), so a collector
+    never reads half a file.  A group's last success is carried over from
+    the file's previous version when this run had failures there."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            last = {label(g): float(t) for g, t in LAST_SUCCESS.findall(f.read())}
+    except (OSError, ValueError):
+        last = {}
+    now = time.time()
+    rows = []
+    for s in summaries:
+        s = dict(s, moved=(moves or {}).get(s["group"], {}).get("moved_out", 0))
+        if not (s["failed"] or s["unreachable"]):
+            last[s["group"]] = now
+        rows.append(s)
+    out = []
+    for key, text in METRICS:
+        name = "sos_replicate_%s" % key
+        out.append("# HELP %s %s in the last run\n# TYPE %s gauge" % (name, text, name))
+        out += ['%s{group="%s"} %s' % (name, quote(s["group"]), s[key]) for s in rows]
+    name = "sos_replicate_last_success_timestamp_seconds"
+    out.append("# HELP %s when a run last ended with no failure in the group\n"
+               "# TYPE %s gauge" % (name, name))
+    out += ['%s{group="%s"} %.3f' % (name, quote(g), t) for g, t in sorted(last.items())]
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(out) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def quote(value):
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def label(value):
+    return value.replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
 
 
 if __name__ == "__main__":

@@ -249,7 +249,7 @@ class AdminHandler(Handler):
 def status_page(report, errors):
     """One self-contained HTML page: groups, members, disks, recent errors."""
     e = html.escape
-    rows = []
+    rows = [shape_table(report["groups"])]
     for g in report["groups"]:
         rows.append('<h2>Group %s <span class="%s">%s</span></h2><table><tr><th>'
                     'blob-server</th><th>state</th><th>disk</th><th>blobs</th>'
@@ -279,6 +279,32 @@ def status_page(report, errors):
 <p>sos-server %s &middot; refreshes every 5 s</p></body></html>
 """ % (STATUS_STYLE, "up" if report["ok"] else "down",
        "OK" if report["ok"] else "DEGRADED", "".join(rows), recent, VERSION)
+
+
+def shape_table(groups):
+    """Each group's share of the blobs and bytes (its fullest member's
+    figures) beside its share of the weights: after a group is added, the
+    two converge as replicate --rebalance moves blobs; a draining group
+    (weight 0) is marked and should reach 0."""
+    def held(g, key):
+        return max((m.get(key) or 0 for m in g["members"]), default=0)
+    totals = {key: sum(held(g, key) for g in groups) or 1
+              for key in ("blobs", "bytes")}
+    weights = sum(g["weight"] for g in groups) or 1
+    out = ['<h2>Shape</h2><table id="shape"><tr><th>group</th><th>weight</th>'
+           '<th>share of weight</th><th>share of blobs</th><th>share of bytes</th>'
+           '</tr>']
+    for g in groups:
+        draining = g["weight"] == 0
+        out.append('<tr class="group" data-group="%s" data-draining="%s"><td>%s%s</td>'
+                   '<td>%g</td><td>%.1f%%</td><td>%.1f%%</td><td>%.1f%%</td></tr>' % (
+                       html.escape(g["name"]), "yes" if draining else "no",
+                       html.escape(g["name"]),
+                       ' <span class="full">DRAINING</span>' if draining else "",
+                       g["weight"], 100 * g["weight"] / weights,
+                       100 * held(g, "blobs") / totals["blobs"],
+                       100 * held(g, "bytes") / totals["bytes"]))
+    return "".join(out) + "</table>"
 
 
 class RecentErrors(logging.Handler):

@@ -9,11 +9,13 @@ import os
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import cluster
 import replicate
+import sos
 from cluster import Group, placement
-from support import Front, get_json, request, sha1
+from support import Front, InProcess, get_json, request, sha1
 
 NS = 10 ** 9
 
@@ -271,3 +273,56 @@ def test_weight_zero_is_draining_and_some_group_must_take_blobs(tmp_path):
     path.write_text("[a]\nweight = -1\n-: http://h:1\n")
     with pytest.raises(cluster.ConfigError, match="0 or more"):
         cluster.load_groups(config=str(path))
+
+
+def test_metrics_file_is_prometheus_text_and_keeps_the_last_success(shape, tmp_path,
+                                                                     capsys):
+    g1, g2 = groups = shape({"g1": 2, "g2": 1})
+    for n in range(10):
+        for s in g1.servers:
+            assert post(s.url, sha1(b"%d" % n), b"%d" % n)[0] == 200
+    path = tmp_path / "replicate.prom"
+    conf = config(tmp_path, groups)
+
+    def read():
+        return {(s.name, s.labels["group"]): s.value for f in
+                text_string_to_metric_families(path.read_text()) for s in f.samples}
+    start = time.time()
+    rc, moves, _ = run(capsys, "--config", conf, "--rebalance", "--copies", "1",
+                       "--metrics-file", str(path))
+    first = read()
+    assert rc == 0 and first[("sos_replicate_moved", "g1")] == moves["g1"]["moved_out"] > 0
+    assert first[("sos_replicate_examined", "g1")] >= 0
+    assert first[("sos_replicate_failed", "g2")] == 0
+    success = first[("sos_replicate_last_success_timestamp_seconds", "g2")]
+    assert start <= success <= time.time()
+    g2.servers[0].stop()
+    rc, _, _ = run(capsys, "--config", conf, "--metrics-file", str(path))
+    second = read()
+    assert rc == 1 and second[("sos_replicate_unreachable", "g2")] == 1
+    assert second[("sos_replicate_last_success_timestamp_seconds", "g2")] == pytest.approx(
+        success, abs=0.001)
+    assert second[("sos_replicate_last_success_timestamp_seconds", "g1")] > success
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_status_page_shows_each_groups_share_and_the_draining_one(shape):
+    old, new = groups = shape({"old": 1, "new": 1}, weights={"old": 0})
+    for n in range(3):                       # old: 3 blobs of 10 bytes
+        assert post(old.servers[0].url, sha1(b"%010d" % n), b"%010d" % n)[0] == 200
+    front = Front(groups)
+    admin = InProcess(sos.make_admin_server(front.cluster, ("127.0.0.1", 0)))
+    try:
+        assert front.upload(b"x" * 30)[0] == 200          # new: 1 blob of 30 bytes
+        status, _, page = request(admin.url + "/status")
+        page = page.decode()
+        assert status == 200
+        row = page.split('data-group="old"')[1].split("</tr>")[0]
+        assert 'data-draining="yes"' in row and "DRAINING" in row
+        assert "<td>0</td><td>0.0%</td><td>75.0%</td><td>50.0%</td>" in row
+        row = page.split('data-group="new"')[1].split("</tr>")[0]
+        assert 'data-draining="no"' in row
+        assert "<td>1</td><td>100.0%</td><td>25.0%</td><td>50.0%</td>" in row
+    finally:
+        admin.stop()
+        front.stop()
