@@ -5,7 +5,6 @@ on (no write from the future, no reclaim bounce, no older copy served after
 a delete)."""
 
 import logging
-import os
 import time
 
 import pytest
