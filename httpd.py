@@ -476,6 +476,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             headers.append(("Cache-Control", NO_STORE))
         # Every reply is sandboxed; a page of our own sets its own policy.
         headers += [h for h in SANDBOX if h[0] not in names]
+        if not (head or isinstance(body, (bytes, FilePart))) and \
+                length is not None and length <= SMALL_BODY:
+            # A small body goes out with its head, in one write.
+            body = b"".join(body)
+            if len(body) != length:
+                raise ValueError("body of %d bytes, not %d" % (len(body), length))
         if isinstance(body, bytes):
             self.write_head(status, headers, len(body), b"" if head else body)
             return

@@ -204,8 +204,11 @@ class DownloadHandler(FrontHandler):
             try:
                 self.send(status, headers + extra, body, count)
             except (Corrupt, http.client.HTTPException) as e:
-                # The reply has begun: all we can do is cut it short.
                 log.error("fetch of %s cut short: %s", blob_id, e)
+                if not self.head_sent:
+                    raise HTTPError(HTTPStatus.BAD_GATEWAY, "could not read "
+                                    "%s from its blob-server" % blob_id) from None
+                # The reply has begun: all we can do is cut it short.
                 self.close_connection = True
 
 
