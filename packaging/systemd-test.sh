@@ -45,7 +45,7 @@ STOP_BUDGET=${STOP_BUDGET:-15}        # seconds a clean stop may take (the units
 # loosens one fails here.  Why each remaining point is open: README.md,
 # "What systemd-analyze security says".
 SECURITY_BUDGETS=(blob-server.service=2.7 blob-server@disk1.service=2.7
-                  sos-server.service=1.6 replicate.service=1.6)
+                  sos-server.service=1.2 replicate.service=1.1)
 INCLUDE=systemd,systemd-sysv,dbus,curl,procps
 
 BASE=$CACHE/base
@@ -135,6 +135,9 @@ boot() {
     mkdir -p "$LOGS"
     cp -a "$BASE" "$RUN"
     mkdir -p "$RUN$SHARE"
+    # debootstrap writes no /etc/hosts (the installer does), and without it
+    # "localhost" is looked up in DNS, of which the container has none.
+    printf '%s\n' '127.0.0.1 localhost' '::1 localhost ip6-localhost ip6-loopback' >"$RUN/etc/hosts"
     cp "$deb" "$RUN$SHARE/sos.deb"
     # --register=no: the host need not run systemd (machined); --keep-unit
     # likewise.  --private-network: the container has its own loopback only.
@@ -347,6 +350,8 @@ UPLOADER
 
 several_disks() {
     local d id sum got n
+    # Names, not addresses, in /etc/sos.conf: sos-server and replicate
+    # resolve them inside their sandboxes.
     # Two "disks", each mounted (from /etc/fstab, as on a real host) where
     # its instance keeps its store.
     inside sh -c 'mkdir -p /srv/disk1 /srv/disk2
@@ -354,7 +359,7 @@ several_disks() {
             "/srv/disk2 /var/lib/sos/disk2 none bind 0 0" >>/etc/fstab
         echo BLOB_SERVER_OPTS=\"-port 3002\" >/etc/default/blob-server@disk1
         echo BLOB_SERVER_OPTS=\"-port 3003\" >/etc/default/blob-server@disk2
-        printf "%s\n" "[1]" "-: http://127.0.0.1:3002" "-: http://127.0.0.1:3003" >/etc/sos.conf
+        printf "%s\n" "[1]" "-: http://localhost:3002" "-: http://localhost:3003" >/etc/sos.conf
         systemctl daemon-reload'
     start_units blob-server@disk1.service blob-server@disk2.service sos-server.service
     wait_until "$WAIT_TIMEOUT" "blob-server@disk1 on :3002" answers http://127.0.0.1:3002/alive
