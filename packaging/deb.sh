@@ -36,7 +36,7 @@ command -v dpkg-deb >/dev/null || die "dpkg-deb not found (apt-get install dpkg)
 
 rm -rf "$PKG"
 install -d "$PKG/DEBIAN" "$PKG/usr/bin" "$PKG/lib/systemd/system" \
-    "$PKG/usr/lib/sysusers.d" "$PKG/usr/share/doc/sos"
+    "$PKG/usr/lib/sysusers.d" "$PKG/usr/lib/tmpfiles.d" "$PKG/usr/share/doc/sos"
 # Hard links, as in dist/: through the static build a program knows only
 # the path of the file it was run from, with symbolic links resolved.
 for b in "${PROGRAMS[@]}"; do
@@ -56,6 +56,12 @@ install -m 0644 packaging/sos.conf.example "$PKG/usr/share/doc/sos/sos.conf.exam
 printf '%s\n' 'u sos-blob - "SOS blob-server" /var/lib/sos/blob' \
     >"$PKG/usr/lib/sysusers.d/sos.conf"
 chmod 0644 "$PKG/usr/lib/sysusers.d/sos.conf"
+# blob-server.service's store, already sos-blob's (see the unit: not
+# StateDirectory=).  /var/lib/sos is not in the package, so that removing it
+# never touches the data.
+printf '%s\n' 'd /var/lib/sos 0755 root root -' 'd /var/lib/sos/blob 0750 sos-blob sos-blob -' \
+    >"$PKG/usr/lib/tmpfiles.d/sos.conf"
+chmod 0644 "$PKG/usr/lib/tmpfiles.d/sos.conf"
 
 cat >"$PKG/DEBIAN/control" <<CONTROL
 Package: sos
@@ -80,6 +86,12 @@ if [ "$1" = configure ]; then
         systemd-sysusers sos.conf
     elif ! getent passwd sos-blob >/dev/null; then
         adduser --system --group --no-create-home --home /var/lib/sos/blob sos-blob
+    fi
+    if command -v systemd-tmpfiles >/dev/null 2>&1; then
+        systemd-tmpfiles --create sos.conf
+    else
+        install -d -m 0755 /var/lib/sos
+        install -d -m 0750 -o sos-blob -g sos-blob /var/lib/sos/blob
     fi
     if [ -d /run/systemd/system ]; then
         systemctl daemon-reload || true

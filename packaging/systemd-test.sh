@@ -12,8 +12,8 @@
 #   - one-disk host: blob-server.service and sos-server.service start; an
 #     upload and a fetch through sos-server; blob-server serves chrooted in
 #     its store as sos-blob with no capabilities; `kill -9` of the server is
-#     restarted by systemd and every upload acknowledged before it is still
-#     there; the access log reaches the journal; stop is clean;
+#     restarted by systemd, without touching the store's ownership, and
+#     every upload acknowledged before it is still there; the access log reaches the journal; stop is clean;
 #   - several disks: two blob-server@ instances, each on its own "disk" (a
 #     bind mount from /etc/fstab at /var/lib/sos/NAME), an upload lands on
 #     both; replicate.timer starts replicate.service, which copies, writes its
@@ -309,6 +309,10 @@ while [ ! -e "$dir/stop" ]; do
 done
 UPLOADER
     inside sh -c "mkdir -p $SHARE/kill && rm -f $SHARE/kill/*"
+    # A file of another owner in the store: a start that chowns the store
+    # (systemd's StateDirectory= did, recursively, at every start) shows.
+    inside sh -c 'mkdir /var/lib/sos/blob/.ownership-probe && touch /var/lib/sos/blob/.ownership-probe/f &&
+        chown 4242:4242 /var/lib/sos/blob/.ownership-probe/f'
     main_before=$(inside systemctl show -P MainPID blob-server.service)
     before=$(inside systemctl show -P NRestarts blob-server.service)
     inside sh -c "setsid sh $SHARE/uploader $SHARE/kill >/dev/null 2>&1 &"
@@ -334,7 +338,10 @@ UPLOADER
     [ "$bad" = 0 ] || fail "kill -9: $bad of $acked acknowledged uploads lost or changed"
     [ "$(inside systemctl show -P MainPID blob-server.service)" != "$main_before" ] \
         || fail "kill -9: blob-server has the same main pid as before"
-    ok "kill -9 of blob-server (pid $pid): restarted by systemd (NRestarts $before -> $nrestart, serving again in $((SECONDS - start)) s or less), all $acked acknowledged uploads intact ($(inside sh -c "cat $SHARE/kill/refused 2>/dev/null | wc -l") refused while it was down)"
+    [ "$(inside stat -c %u /var/lib/sos/blob/.ownership-probe/f)" = 4242 ] \
+        || fail "the restart chowned the store (a file of uid 4242 in it is now uid $(inside stat -c %u /var/lib/sos/blob/.ownership-probe/f))"
+    inside rm -rf /var/lib/sos/blob/.ownership-probe
+    ok "kill -9 of blob-server (pid $pid): restarted by systemd (NRestarts $before -> $nrestart, serving again in $((SECONDS - start)) s or less, the store's ownership untouched), all $acked acknowledged uploads intact ($(inside sh -c "cat $SHARE/kill/refused 2>/dev/null | wc -l") refused while it was down)"
 
     # The access log: one line per request, to the journal.
     n=$(inside journalctl -q --no-pager -u sos-server.service | grep -c '"POST /upload HTTP/1.1" 200' || true)
