@@ -59,7 +59,7 @@ chmod 0644 "$PKG/usr/lib/sysusers.d/sos.conf"
 # blob-server.service's store, already sos-blob's (see the unit: not
 # StateDirectory=).  /var/lib/sos is not in the package, so that removing it
 # never touches the data.
-printf '%s\n' 'd /var/lib/sos 0755 root root -' 'd /var/lib/sos/blob 0750 sos-blob sos-blob -' \
+printf '%s\n' 'd /var/lib/sos 0755 root root -' 'd /var/lib/sos/blob 0700 sos-blob sos-blob -' \
     >"$PKG/usr/lib/tmpfiles.d/sos.conf"
 chmod 0644 "$PKG/usr/lib/tmpfiles.d/sos.conf"
 
@@ -91,7 +91,7 @@ if [ "$1" = configure ]; then
         systemd-tmpfiles --create sos.conf
     else
         install -d -m 0755 /var/lib/sos
-        install -d -m 0750 -o sos-blob -g sos-blob /var/lib/sos/blob
+        install -d -m 0700 -o sos-blob -g sos-blob /var/lib/sos/blob
     fi
     if [ -d /run/systemd/system ]; then
         systemctl daemon-reload || true

@@ -154,8 +154,14 @@ boot() {
         done
         [ -n "$INIT" ] || sleep 0.2
     done
-    state=$(timeout $((deadline - SECONDS > 0 ? deadline - SECONDS : 1)) \
-        nsenter -t "$INIT" -a systemctl is-system-running --wait 2>/dev/null || true)
+    # Until its bus is up, systemctl fails at once ("Failed to connect to
+    # bus"), printing no state: try again.
+    state=
+    while [ -z "$state" ] && [ $SECONDS -lt $deadline ]; do
+        state=$(timeout $((deadline - SECONDS > 0 ? deadline - SECONDS : 1)) \
+            nsenter -t "$INIT" -a systemctl is-system-running --wait 2>/dev/null || true)
+        [ -n "$state" ] || sleep 0.2
+    done
     case $state in
         running) ;;
         *) inside systemctl --failed --no-pager >&2 || true
