@@ -17,7 +17,7 @@
 #   - several disks: two blob-server@ instances, each on its own "disk" (a
 #     bind mount from /etc/fstab at /var/lib/sos/NAME), an upload lands on
 #     both; replicate.timer starts replicate.service, which copies, writes its
-#     summary to the journal and may write in its state directory;
+#     summary to the journal and its --metrics-file to its state directory;
 #   - `systemd-analyze security` of every unit, each within its budget
 #     (SECURITY_BUDGETS below; the full list of open points goes to the log);
 #   - `dpkg --purge sos` is clean and leaves /var/lib/sos.
@@ -405,13 +405,12 @@ several_disks() {
     id=$(inside sha1sum "$SHARE/only2" | cut -c1-40)
     inside curl -fsS --max-time 10 -o /dev/null -X POST --data-binary @"$SHARE/only2" \
         "http://127.0.0.1:3003/blob/$id" || fail "POST /blob/$id to :3003 failed"
-    inside mkdir -p /run/systemd/system/replicate.timer.d /run/systemd/system/replicate.service.d
+    inside mkdir -p /run/systemd/system/replicate.timer.d
     inside sh -c 'printf "%s\n" "[Timer]" "OnActiveSec=1s" "RandomizedDelaySec=0" \
         >/run/systemd/system/replicate.timer.d/now.conf'
-    # Whatever replicate is to keep between runs goes in its state
-    # directory: written here with the unit's own user and sandbox.
-    inside sh -c 'printf "%s\n" "[Service]" "ExecStartPost=/bin/sh -c '\''echo probe >\"\$STATE_DIRECTORY/probe\"'\''" \
-        >/run/systemd/system/replicate.service.d/probe.conf'
+    # What replicate keeps between runs, its metrics file, goes in its
+    # state directory.
+    inside sh -c 'echo "REPLICATE_OPTS=\"--metrics-file /var/lib/sos/replicate/metrics.prom\"" >/etc/default/replicate'
     inside systemctl daemon-reload
     inside systemctl enable --quiet replicate.timer
     inside systemctl restart replicate.timer
@@ -420,9 +419,10 @@ several_disks() {
     [ "$(inside systemctl show -P Result replicate.service)" = success ] || fail "replicate.service failed: Result=$(inside systemctl show -P Result replicate.service)"
     inside curl -fsS --max-time 10 -o /dev/null "http://127.0.0.1:3002/blob/$id" || fail "replicate did not copy $id to disk1"
     inside journalctl -q --no-pager -u replicate.service | grep -q 'examined' || fail "no replicate summary in the journal"
-    inside test -f /var/lib/sos/replicate/probe || fail "replicate's sandbox let it not write in /var/lib/sos/replicate"
-    ok "replicate.timer started replicate.service: copied $id to disk1, its summary in the journal, /var/lib/sos/replicate writable; next: $(inside systemctl show -P NextElapseUSecRealtime replicate.timer)"
-    inside rm -rf /run/systemd/system/replicate.timer.d /run/systemd/system/replicate.service.d
+    inside grep -q '^sos_replicate_last_success_timestamp_seconds{group="1"}' /var/lib/sos/replicate/metrics.prom \
+        || fail "no metrics from replicate in /var/lib/sos/replicate/metrics.prom"
+    ok "replicate.timer started replicate.service: copied $id to disk1, its summary in the journal, its --metrics-file in /var/lib/sos/replicate; next: $(inside systemctl show -P NextElapseUSecRealtime replicate.timer)"
+    inside rm -rf /run/systemd/system/replicate.timer.d
     inside systemctl daemon-reload
 }
 
@@ -469,7 +469,7 @@ purge() {
     [ "$(inside find /var/lib/sos/blob -type f | wc -l)" -ge "$BLOB_COUNT" ] \
         || fail "the purge removed data from /var/lib/sos/blob"
     inside test -f /var/lib/sos/blob/operator-note || fail "the purge removed /var/lib/sos/blob/operator-note"
-    inside test -d /var/lib/sos/replicate/ || fail "the purge removed /var/lib/sos/replicate"
+    inside test -f /var/lib/sos/replicate/metrics.prom || fail "the purge removed /var/lib/sos/replicate/metrics.prom"
     n=$(inside sh -c 'find /srv/disk1 /srv/disk2 -type f | wc -l')
     [ "$n" -ge 2 ] || fail "the purge removed data from the disks"
     ok "dpkg --purge sos: clean (no files, units or links left), /var/lib/sos kept ($(inside find /var/lib/sos/blob -type f | wc -l) files in blob/, the disks' $n, replicate/)"
