@@ -4,9 +4,12 @@
 #
 #   make run                    blob-servers on 4001/4002 + sos-server, Ctrl-C stops
 #   make test PYTEST_ARGS='-k blob -x'   or   make test TESTS=tests/test_blob.py
-#   make dist                   dist/{blob-server,sos-server,replicate}, static
-#   make smoke                  those binaries, each in an empty chroot
+#   make dist                   dist/sos, static, and dist/{blob-server,sos-server,replicate}
+#                               as links to it
+#   make smoke                  those programs, each in an empty chroot
 #   make deb                    dist/sos_<version>_amd64.deb
+#   make systemd-test           that .deb installed in a Debian 12 container booted
+#                               with systemd, its units checked (root, debootstrap)
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -15,7 +18,7 @@ TESTS       ?= tests
 # Read only by the recipes that need it (recursive =).
 VERSION      = $(shell $(PYTHON) -c 'import blob; print(blob.VERSION)')
 
-.PHONY: run test dist smoke deb bench soak clean
+.PHONY: run test dist smoke deb systemd-test bench soak clean
 
 run:
 	PYTHON=$(PYTHON) packaging/run-local.sh
@@ -30,8 +33,10 @@ test: $(VENV)/.installed
 
 dist: dist/.built
 
-# Rebuilt when a program or the build script changes.
-dist/.built: $(wildcard *.py) packaging/build.sh
+# Rebuilt when a module or the build script changes: every *.py at the top
+# (the programs and whatever modules they share), so a new module needs no
+# edit here.
+dist/.built: $(wildcard *.py) packaging/multicall.py packaging/build.sh
 	packaging/build.sh
 	touch $@
 
@@ -40,6 +45,10 @@ smoke: dist
 
 deb: dist
 	packaging/deb.sh $(VERSION)
+
+# Builds the .deb itself (make deb), then boots it; see the script's header.
+systemd-test:
+	PYTHON=$(PYTHON) packaging/systemd-test.sh
 
 bench:
 	PYTHON=$(PYTHON) bash bench/run.sh

@@ -3,10 +3,19 @@
 #
 #   packaging/deb.sh VERSION
 #
-# The package holds /usr/bin/{blob-server,sos-server,replicate}, the systemd
+# The package holds /usr/bin/sos (the static multi-call binary) with
+# /usr/bin/{blob-server,sos-server,replicate} as links to it, the systemd
 # units (enabled by nobody: the admin writes /etc/sos.conf first), the
 # sos-blob system user (sysusers.d) and /usr/share/doc/sos/sos.conf.example.
-# The binaries are static, so it depends on nothing.
+# The binary is static, so it depends on nothing.
+#
+# Data is never deleted by the package: remove and purge leave /var/lib/sos
+# (stores, replicate's state) and the sos-blob user.  Purge removes what
+# `systemctl enable` made for its units.  packaging/systemd-test.sh checks it.
+#
+# Built from dist/ as `make dist` leaves it: dist/sos and the three links.
+# Three separate binaries there (packaging/build.sh NAME=SCRIPT...) are
+# packaged as they are.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,24 +26,42 @@ PKG=$ROOT/build/deb/sos
 DEB=$DIST/sos_${VERSION}_amd64.deb
 
 die() { echo "deb.sh: ERROR: $*" >&2; exit 1; }
-for b in blob-server sos-server replicate; do
+PROGRAMS=(blob-server sos-server replicate)
+UNITS=(blob-server.service blob-server@.service sos-server.service
+       replicate.service replicate.timer)
+for b in "${PROGRAMS[@]}"; do
     [ -x "$DIST/$b" ] || die "$DIST/$b missing: run 'make dist' first"
 done
 command -v dpkg-deb >/dev/null || die "dpkg-deb not found (apt-get install dpkg)"
 
 rm -rf "$PKG"
 install -d "$PKG/DEBIAN" "$PKG/usr/bin" "$PKG/lib/systemd/system" \
-    "$PKG/usr/lib/sysusers.d" "$PKG/usr/share/doc/sos"
-install -m 0755 "$DIST/blob-server" "$DIST/sos-server" "$DIST/replicate" "$PKG/usr/bin/"
-install -m 0644 packaging/systemd/blob-server.service packaging/systemd/sos-server.service \
-    packaging/systemd/replicate.service packaging/systemd/replicate.timer \
-    "$PKG/lib/systemd/system/"
+    "$PKG/usr/lib/sysusers.d" "$PKG/usr/lib/tmpfiles.d" "$PKG/usr/share/doc/sos"
+# Hard links, as in dist/: through the static build a program knows only
+# the path of the file it was run from, with symbolic links resolved.
+for b in "${PROGRAMS[@]}"; do
+    if [ -e "$DIST/sos" ] && [ "$DIST/$b" -ef "$DIST/sos" ]; then
+        [ -e "$PKG/usr/bin/sos" ] || install -m 0755 "$DIST/sos" "$PKG/usr/bin/sos"
+        ln -f "$PKG/usr/bin/sos" "$PKG/usr/bin/$b"
+    else
+        install -m 0755 "$DIST/$b" "$PKG/usr/bin/$b"
+    fi
+done
+for u in "${UNITS[@]}"; do
+    install -m 0644 "packaging/systemd/$u" "$PKG/lib/systemd/system/$u"
+done
 install -m 0644 packaging/sos.conf.example "$PKG/usr/share/doc/sos/sos.conf.example"
 [ -f README.md ] && install -m 0644 README.md "$PKG/usr/share/doc/sos/README.md"
 # blob-server drops to this user after chrooting into its store.
 printf '%s\n' 'u sos-blob - "SOS blob-server" /var/lib/sos/blob' \
     >"$PKG/usr/lib/sysusers.d/sos.conf"
 chmod 0644 "$PKG/usr/lib/sysusers.d/sos.conf"
+# blob-server.service's store, already sos-blob's (see the unit: not
+# StateDirectory=).  /var/lib/sos is not in the package, so that removing it
+# never touches the data.
+printf '%s\n' 'd /var/lib/sos 0755 root root -' 'd /var/lib/sos/blob 0700 sos-blob sos-blob -' \
+    >"$PKG/usr/lib/tmpfiles.d/sos.conf"
+chmod 0644 "$PKG/usr/lib/tmpfiles.d/sos.conf"
 
 cat >"$PKG/DEBIAN/control" <<CONTROL
 Package: sos
@@ -60,14 +87,27 @@ if [ "$1" = configure ]; then
     elif ! getent passwd sos-blob >/dev/null; then
         adduser --system --group --no-create-home --home /var/lib/sos/blob sos-blob
     fi
+    if command -v systemd-tmpfiles >/dev/null 2>&1; then
+        systemd-tmpfiles --create sos.conf
+    else
+        install -d -m 0755 /var/lib/sos
+        install -d -m 0700 -o sos-blob -g sos-blob /var/lib/sos/blob
+    fi
     if [ -d /run/systemd/system ]; then
         systemctl daemon-reload || true
     fi
 fi
 POSTINST
-cat >"$PKG/DEBIAN/postrm" <<'POSTRM'
+# Purge: the links `systemctl enable` made (e.g. in multi-user.target.wants/)
+# would be left dangling.  /var/lib/sos is left alone, always.
+cat >"$PKG/DEBIAN/postrm" <<POSTRM
 #!/bin/sh
 set -e
+if [ "\$1" = purge ] && [ -d /etc/systemd/system ]; then
+    for u in ${UNITS[*]} 'blob-server@*.service'; do
+        find /etc/systemd/system -type l -name "\$u" -delete
+    done
+fi
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload || true
 fi
@@ -76,7 +116,8 @@ cat >"$PKG/DEBIAN/prerm" <<'PRERM'
 #!/bin/sh
 set -e
 if [ -d /run/systemd/system ] && [ "$1" = remove ]; then
-    systemctl stop replicate.timer sos-server.service blob-server.service || true
+    systemctl stop replicate.timer replicate.service sos-server.service \
+        'blob-server@*.service' blob-server.service || true
 fi
 PRERM
 chmod 0755 "$PKG/DEBIAN/postinst" "$PKG/DEBIAN/postrm" "$PKG/DEBIAN/prerm"
