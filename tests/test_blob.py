@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 import blobstore
 import httpd
 import rules
-from support import BLOB_PY, BlobProcess, blob_path, get_json, request, sha1, wait_for
+from support import (BLOB_PY, BlobProcess, RawConnection, blob_path, canned_server, get_json,
+                     raw_exchange, request, sha1, wait_for)
 
 SPEC_ID = re.compile(r"[a-z0-9]{1,128}")     # the issue's id rule, restated
 PROXY_AND_INTERNAL = ("X-Forwarded-", "X-Real-Ip", "X-Sos-", "X-Cluster-")
@@ -58,16 +59,12 @@ def port_of(url):
 
 
 def raw(url, data, method="GET", timeout=30):
-    """Send raw request bytes on a new socket: returns (status, headers, body)."""
-    sock = socket.create_connection(("127.0.0.1", port_of(url)), timeout=timeout)
-    try:
-        sock.sendall(data)
-        resp = http.client.HTTPResponse(sock, method=method)
-        resp.begin()
-        body = resp.read()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
-    finally:
-        sock.close()
+    """Raw request bytes on a new connection (support's raw client), the
+    reply read as one to method: the whole reply's (status, {lower-case
+    name: value}, body)."""
+    reply = raw_exchange(url, data, timeout, method)
+    assert reply is not None and reply.complete, reply
+    return reply.status, {n.lower(): v for n, v in reply.headers}, reply.body
 
 
 def chunked(pieces):
@@ -142,7 +139,7 @@ def wait_for_temp(store, min_size):
 # --- ids (pure) --------------------------------------------------------------
 
 @pytest.mark.parametrize("blob_id", ["a", "0", "abc123", "z" * 128,
-                                     hashlib.sha1(b"x").hexdigest()])
+                                     sha1(b"x")])
 def test_valid_ids_are_lowercase_letters_and_digits(blob_id):
     assert rules.valid_id(blob_id)
 
@@ -247,17 +244,38 @@ def test_post_without_length_is_411_json(blob_server):
     assert request(srv.url + "/blob/nolength")[0] == 404
 
 
+# A head with Expect: 100-continue and an id that is not one; no body follows.
+EXPECT_BAD_ID = (b"POST /blob/NOPE HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                 b"Content-Length: 104857600\r\n\r\n")
+
+
+def check_refused_without_100_continue(where):
+    """Send EXPECT_BAD_ID to a url or loopback port: the first status line
+    back must be the final 400 (no 100 Continue first, so the client never
+    sends the body).  http.client can't tell: it skips 1xx replies."""
+    with RawConnection.open(where, timeout=30) as conn:
+        conn.send(EXPECT_BAD_ID)
+        reply = conn.reply("POST")
+    assert reply is not None and reply.complete, reply
+    assert reply.interim == [], "%s sent before the final status: %r" % (
+        " and ".join("%d" % s for s in reply.interim), reply)
+    assert_error_json(reply.status, reply.body, 400)
+
+
 def test_refused_upload_with_expect_100_continue_needs_no_body(blob_server):
-    srv = blob_server()
-    sock = socket.create_connection(("127.0.0.1", port_of(srv.url)), timeout=30)
-    try:
-        sock.sendall(b"POST /blob/NOPE HTTP/1.1\r\nHost: x\r\nExpect: 100-continue"
-                     b"\r\nContent-Length: 104857600\r\n\r\n")
-        resp = http.client.HTTPResponse(sock, method="POST")
-        resp.begin()                 # no 100 Continue first, and no body sent
-        assert_error_json(resp.status, resp.read(), 400)
-    finally:
-        sock.close()
+    check_refused_without_100_continue(blob_server().url)
+
+
+REFUSAL = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+           b"Content-Length: 21\r\n\r\n{\"error\": \"a bad id\"}")
+
+
+def test_the_100_continue_check_fails_against_a_server_that_sends_100_first():
+    with canned_server(b"HTTP/1.1 100 Continue\r\n\r\n" + REFUSAL) as port:
+        with pytest.raises(AssertionError, match="^100 sent before the final status"):
+            check_refused_without_100_continue(port)
+    with canned_server(REFUSAL) as port:
+        check_refused_without_100_continue(port)
 
 
 def test_missing_blob_is_404_json(blob_server):
@@ -502,7 +520,7 @@ def test_stats_counts_blobs_bytes_and_disk(blob_server):
 
 def test_digests_change_with_ids_and_equal_id_sets_give_equal_digests(blob_server):
     a, b = blob_server("a"), blob_server("b")
-    ids = ["aa1", "aa2", "bb1", "c", hashlib.sha1(b"d").hexdigest()]
+    ids = ["aa1", "aa2", "bb1", "c", sha1(b"d")]
     for blob_id in ids:
         body = b"d" if len(blob_id) == 40 else b"on a " + blob_id.encode()
         assert request(a.url + "/blob/" + blob_id, "POST", body)[0] == 200
@@ -529,13 +547,13 @@ def test_digests_change_with_ids_and_equal_id_sets_give_equal_digests(blob_serve
 def test_verify_reports_ok_for_a_clean_content_blob(blob_server):
     srv = blob_server()
     data = os.urandom(5000)
-    sha1 = hashlib.sha1(data).hexdigest()
-    assert request(srv.url + "/blob/" + sha1, "POST", data)[0] == 200
-    status, reply = get_json(srv.url + "/verify/" + sha1, "POST", b"")
+    blob_id = sha1(data)
+    assert request(srv.url + "/blob/" + blob_id, "POST", data)[0] == 200
+    status, reply = get_json(srv.url + "/verify/" + blob_id, "POST", b"")
     assert status == 200
-    assert reply == {"id": sha1, "ok": True, "verified": True, "quarantined": False}
-    assert request(srv.url + "/blob/" + sha1)[2] == data
-    status, reply = get_json(srv.url + "/verify/" + sha1, "POST")
+    assert reply == {"id": blob_id, "ok": True, "verified": True, "quarantined": False}
+    assert request(srv.url + "/blob/" + blob_id)[2] == data
+    status, reply = get_json(srv.url + "/verify/" + blob_id, "POST")
     assert status == 200 and reply["ok"] is True
 
 
@@ -607,7 +625,7 @@ def test_content_id_mismatch_is_422_and_stores_nothing(blob_server, algo, encodi
 
 def test_uppercase_hex_is_not_a_content_id_but_is_an_invalid_id(blob_server):
     srv = blob_server()
-    upper = hashlib.sha1(b"x").hexdigest().upper()
+    upper = sha1(b"x").upper()
     assert request(srv.url + "/blob/" + upper, "POST", b"x")[0] == 400
 
 
@@ -854,7 +872,7 @@ def test_flat_go_store_is_served_after_start(blob_process, tmp_path):
             "ab": (b"two letters", {"X-Mime-Type": "image/gif"}),
             "abcd": (b"four", None),
             "z": (b"one letter", {"X-Name": "zed"}),
-            hashlib.sha1(sha1_data).hexdigest(): (sha1_data, None)}
+            sha1(sha1_data): (sha1_data, None)}
     for blob_id, (data, meta) in flat.items():
         (store / blob_id).write_bytes(data)
         if meta:
@@ -943,9 +961,9 @@ def test_sigterm_finishes_the_in_flight_upload_and_exits_0(blob_process):
         proc.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: not proc.alive(), what="the listener to close")
         sock.sendall(data[len(data) // 2:])
-        resp = http.client.HTTPResponse(sock, method="POST")
-        resp.begin()
-        assert resp.status == 200 and json.loads(resp.read())["size"] == len(data)
+        reply = RawConnection(sock, timeout=30).reply("POST")
+        assert reply is not None and reply.complete, reply
+        assert reply.status == 200 and reply.json()["size"] == len(data)
     finally:
         sock.close()
     assert proc.proc.wait(timeout=30) == 0
@@ -979,21 +997,21 @@ def check_dropped_and_serving(proc, url, store):
     assert os.readlink("/proc/%d/root" % proc.pid) == store   # chrooted
 
     data = b"written by nobody"
-    sha1 = hashlib.sha1(data).hexdigest()
-    status, reply = get_json(url + "/blob/" + sha1, "POST", data,
+    blob_id = sha1(data)
+    status, reply = get_json(url + "/blob/" + blob_id, "POST", data,
                              {"X-Mime-Type": "text/plain"})
     assert status == 200 and reply["size"] == len(data)
-    status, headers, body = request(url + "/blob/" + sha1)
+    status, headers, body = request(url + "/blob/" + blob_id)
     assert (status, body, headers["content-type"]) == (200, data, "text/plain")
-    assert request(url + "/blob/" + sha1, "HEAD")[0] == 200
-    assert list_ids(url) == [sha1]
+    assert request(url + "/blob/" + blob_id, "HEAD")[0] == 200
+    assert list_ids(url) == [blob_id]
     status, stats = get_json(url + "/stats")
     assert status == 200 and stats["blobs"] == 1 and stats["bytes"] == len(data)
     status, digests = get_json(url + "/digests")
-    assert status == 200 and list(digests) == [sha1[:2]]
-    status, verdict = get_json(url + "/verify/" + sha1, "POST", b"")
+    assert status == 200 and list(digests) == [blob_id[:2]]
+    status, verdict = get_json(url + "/verify/" + blob_id, "POST", b"")
     assert status == 200 and verdict["ok"] is True and verdict["verified"] is True
-    assert os.stat(blob_path(store, sha1)).st_uid == nobody.pw_uid
+    assert os.stat(blob_path(store, blob_id)).st_uid == nobody.pw_uid
 
 
 def test_double_dash_flags_work(tmp_path, blob_cli):
@@ -1068,9 +1086,9 @@ def test_full_disk_is_507_and_keeps_every_acknowledged_blob(small_fs, blob_proce
             sock.sendall(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             pass                  # the server refused before the end
-        resp = http.client.HTTPResponse(sock, method="POST")
-        resp.begin()
-        assert_error_json(resp.status, resp.read(), 507)
+        reply = RawConnection(sock, timeout=30).reply("POST")
+        assert reply is not None and reply.complete, reply
+        assert_error_json(reply.status, reply.body, 507)
     finally:
         sock.close()
     assert os.listdir(os.path.join(store, ".tmp")) == []

@@ -6,11 +6,10 @@ walk, but its .tmp/ and .quarantine/, made as root a moment before, stayed
 root's, and every upload failed with 500.
 """
 
-import hashlib
 import os
 import pwd
 
-from support import get_json
+from support import get_json, sha1
 
 
 def test_store_owned_by_the_run_user_takes_uploads_after_a_root_start(
@@ -23,8 +22,8 @@ def test_store_owned_by_the_run_user_takes_uploads_after_a_root_start(
     proc = blob_process("owned", "--user", "nobody")
 
     data = b"uploaded into a store nobody owned beforehand"
-    sha1 = hashlib.sha1(data).hexdigest()
-    status, reply = get_json(proc.url + "/blob/" + sha1, "POST", data)
+    blob_id = sha1(data)
+    status, reply = get_json(proc.url + "/blob/" + blob_id, "POST", data)
     assert status == 200, reply
     assert os.stat(store / ".tmp").st_uid == nobody.pw_uid
     assert os.stat(store / ".quarantine").st_uid == nobody.pw_uid

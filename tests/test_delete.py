@@ -2,39 +2,26 @@
 blob-server, tombstones in digests and listings, reclaim, and replicate
 completing deletes without ever resurrecting an acknowledged one."""
 
-import hashlib
 import os
 import time
 
 import pytest
 
 import blob
-import helpers
 import sos
 from cluster import Group
-from conftest import get_json, request, wait_for
 from go_original import GoOriginal
-from helpers import blob_path, stop_hard
-from test_replicate import run
+from support import (InProcessServer, InProcessSos, blob_path, get_json, request,
+                     run_replicate, sha1, stop_hard, wait_for)
 
 TOKEN = "s3cret-delete-token"
 AUTH = {"Authorization": "Bearer " + TOKEN}
 SECOND = 10 ** 9
 
 
-def sha1(data):
-    return hashlib.sha1(data).hexdigest()
-
-
-class Front(helpers.Front):
-    """helpers.Front whose upload port takes deletes with TOKEN."""
-
-    def __init__(self, groups, **options):
-        super().__init__(groups, **options)
-        self.up.srv.delete_token = TOKEN
-
-    def delete(self, blob_id, headers=AUTH):
-        return get_json(self.up.url + "/fetch/" + blob_id, "DELETE", headers=headers)
+def deleting_sos(groups, **options):
+    """An InProcessSos whose upload port takes deletes with TOKEN."""
+    return InProcessSos(groups, delete_token=TOKEN, **options)
 
 
 def delete_on(url, blob_id, ts=None):
@@ -56,10 +43,10 @@ def files(store_root, blob_id):
     return {n for n in os.listdir(leaf) if n.split(".")[0] == blob_id}
 
 
-def run_replicate(capsys, urls, *args):
+def replicate_default(capsys, urls, *args):
     """replicate in-process: (exit code, {column: count} of the default
     group's summary, output)."""
-    rc, table, out = run(capsys, "-blob-server", ",".join(urls), *args)
+    rc, table, out = run_replicate(capsys, "-blob-server", ",".join(urls), *args)
     return rc, table.get("default"), out
 
 
@@ -225,7 +212,7 @@ def test_deletes_are_off_without_a_delete_token(make_cluster):
 def test_delete_needs_the_delete_token_not_the_upload_token(blob_server):
     srv = blob_server()
     groups = [Group("g", [srv.url])]
-    front = Front(groups)
+    front = deleting_sos(groups)
     try:
         front.up.srv.token = "upload-token"
         status, reply = get_json(front.up.url + "/upload", "POST", b"x",
@@ -286,7 +273,7 @@ def test_delete_removes_every_copy_in_every_group(make_cluster):
 def test_read_after_delete_through_two_sos_servers(blob_server):
     groups = [Group("g%d" % g, [blob_server("g%d-%d" % (g, i)).url
                                     for i in range(2)]) for g in range(2)]
-    one, two = Front(groups), Front(groups)
+    one, two = deleting_sos(groups), deleting_sos(groups)
     try:
         ids = [one.upload(b"object %d" % i)[1]["id"] for i in range(10)]
         for blob_id in ids:
@@ -305,7 +292,7 @@ def test_read_after_delete_through_two_sos_servers(blob_server):
 
 def test_a_member_down_makes_a_delete_pending_and_none_up_is_503(blob_server):
     a, b = blob_server("a"), blob_server("b")
-    front = Front([Group("g", [a.url, b.url])])
+    front = deleting_sos([Group("g", [a.url, b.url])])
     try:
         blob_id = front.upload(b"pending")[1]["id"]
         stop_hard(b)
@@ -323,7 +310,7 @@ def test_a_member_down_makes_a_delete_pending_and_none_up_is_503(blob_server):
 
 def test_the_go_originals_blob_server_has_not_recorded_a_delete(blob_server):
     ours, go = blob_server("ours"), GoOriginal()
-    front = Front([Group("mixed", [ours.url, go.url])])
+    front = deleting_sos([Group("mixed", [ours.url, go.url])])
     try:
         blob_id = front.upload(b"mixed")[1]["id"]
         assert front.delete(blob_id) == (202, {"id": blob_id, "status": "pending",
@@ -336,11 +323,10 @@ def test_the_go_originals_blob_server_has_not_recorded_a_delete(blob_server):
 
 def test_metrics_count_deletes_and_the_status_page_shows_tombstones(blob_server):
     srv = blob_server()
-    front = Front([Group("g", [srv.url])])
+    front = deleting_sos([Group("g", [srv.url])])
     admin = sos.make_admin_server(front.cluster, ("127.0.0.1", 0),
                                   front.up.srv.metrics)
-    from conftest import InProcess
-    admin = InProcess(admin)
+    admin = InProcessServer(admin)
     try:
         assert front.delete(front.upload(b"counted")[1]["id"])[0] == 200
         front.cluster.check_all()
@@ -358,7 +344,7 @@ def test_metrics_count_deletes_and_the_status_page_shows_tombstones(blob_server)
 
 def test_replicate_completes_a_delete_a_member_missed(blob_process, capsys):
     a, b = blob_process("a"), blob_process("b")
-    front = Front([Group("g", [a.url, b.url])])
+    front = deleting_sos([Group("g", [a.url, b.url])])
     try:
         ids = [front.upload(b"acked %d" % i)[1]["id"] for i in range(5)]
         b.kill()
@@ -366,7 +352,7 @@ def test_replicate_completes_a_delete_a_member_missed(blob_process, capsys):
         assert acked == ids[:3]
         b.start()                          # back, with the stale copies
         assert all(files(b.store, i) == {i} for i in acked)
-        rc, summary, out = run_replicate(capsys, [a.url, b.url])
+        rc, summary, out = replicate_default(capsys, [a.url, b.url])
         assert rc == 0 and summary["deleted"] == 3
         assert summary["copied"] == 0
         resurrected = [i for i in acked if front.fetch(i)[0] != 404
@@ -375,7 +361,7 @@ def test_replicate_completes_a_delete_a_member_missed(blob_process, capsys):
         assert resurrected == []
         assert [front.fetch(i)[0] for i in ids[3:]] == [200, 200]
         # In sync: the next run finds nothing to do.
-        rc, summary, out = run_replicate(capsys, [a.url, b.url])
+        rc, summary, out = replicate_default(capsys, [a.url, b.url])
         assert rc == 0 and summary["examined"] == 0
     finally:
         front.stop()
@@ -383,7 +369,7 @@ def test_replicate_completes_a_delete_a_member_missed(blob_process, capsys):
 
 def test_a_reupload_while_a_member_was_away_survives_replicate(blob_process, capsys):
     a, b = blob_process("a"), blob_process("b")
-    front = Front([Group("g", [a.url, b.url])])
+    front = deleting_sos([Group("g", [a.url, b.url])])
     try:
         data = b"deleted, then uploaded again"
         blob_id = front.upload(data)[1]["id"]
@@ -393,7 +379,7 @@ def test_a_reupload_while_a_member_was_away_survives_replicate(blob_process, cap
         assert status == 200 and reply["copies"] == 1
         b.start()                          # still holds the (older) tombstone
         assert files(b.store, blob_id) == {blob_id + ".deleted"}
-        rc, summary, out = run_replicate(capsys, [a.url, b.url])
+        rc, summary, out = replicate_default(capsys, [a.url, b.url])
         assert rc == 0 and summary["copied"] == 1
         assert summary["deleted"] == 0
         lost = [url for url in (a.url, b.url)
@@ -412,14 +398,14 @@ def test_replicate_propagates_tombstones_and_never_copies_onto_a_newer_one(
     assert delete_on(b.url, "stale", 200)[0] == 200                 # newer delete
     assert post_on(a.url, "fresh", b"new bytes", 300)[0] == 200     # newer blob
     assert delete_on(c.url, "fresh", 250)[0] == 200                 # older delete
-    rc, summary, out = run_replicate(capsys, [a.url, b.url, c.url], "--dry-run")
+    rc, summary, out = replicate_default(capsys, [a.url, b.url, c.url], "--dry-run")
     assert rc == 0
     assert "would delete stale on %s" % a.url in out
     assert "would delete stale on %s" % c.url in out
     assert "would copy fresh %s -> %s" % (a.url, b.url) in out
     assert "would copy fresh %s -> %s" % (a.url, c.url) in out
     assert a.store.exists("stale") and not c.store.exists("fresh")  # dry run
-    rc, summary, out = run_replicate(capsys, [a.url, b.url, c.url])
+    rc, summary, out = replicate_default(capsys, [a.url, b.url, c.url])
     assert rc == 0 and summary["deleted"] == 2 and summary["copied"] == 2
     for srv in (a, b, c):
         assert list(srv.store.entries(tombstones=True)) == [
@@ -433,7 +419,7 @@ def test_replicate_treats_the_go_originals_listing_as_blobs(blob_server, capsys)
         assert post_on(go.url, "fromgo", b"go bytes")[0] == 200
         assert delete_on(ours.url, "gone", 100)[0] == 200
         assert post_on(go.url, "gone", b"stale on go")[0] == 200
-        rc, summary, out = run_replicate(capsys, [ours.url, go.url])
+        rc, summary, out = replicate_default(capsys, [ours.url, go.url])
         # The original can't take the delete (failed, exit 1): README says
         # not to mix it with deletes.  Its blob is never copied over ours.
         assert rc == 1 and summary["failed"] == 1

@@ -2,18 +2,13 @@
 metadata, read(offset, count)), and sos-server alone turns it into a reply;
 and the HTTP server's error mapping, which every program shares."""
 
-import hashlib
 import logging
 import os
 
 import httpd
 import rules
 import sos
-from support import InProcess, blob_path, get_json, request
-
-
-def sha1(data):
-    return hashlib.sha1(data).hexdigest()
+from support import InProcessServer, blob_path, get_json, request
 
 
 def first_asked(c, blob_id):
@@ -83,8 +78,8 @@ class Failing(httpd.Handler):
 
 
 def test_exceptions_map_to_statuses_along_the_class_hierarchy():
-    srv = InProcess(httpd.Server(("127.0.0.1", 0), Failing, "test",
-                                 sos.Metrics("test")))
+    srv = InProcessServer(httpd.Server(("127.0.0.1", 0), Failing, "test",
+                                       sos.Metrics("test")))
     try:
         status, body = get_json(srv.url + "/gone")
         assert (status, body) == (404, {"error": "not found"})
@@ -97,10 +92,10 @@ def test_every_500_reaches_the_status_pages_recent_errors(make_cluster):
     on the root logger, as sos-server's main sets it up."""
     c = make_cluster([("g1", 1)])
     errors = sos.watch_errors()
-    srv = InProcess(httpd.Server(("127.0.0.1", 0), Failing, "test",
-                                 sos.Metrics("test")))
-    admin = InProcess(sos.make_admin_server(c.cluster, ("127.0.0.1", 0),
-                                            recent_errors=errors.lines))
+    srv = InProcessServer(httpd.Server(("127.0.0.1", 0), Failing, "test",
+                                       sos.Metrics("test")))
+    admin = InProcessServer(sos.make_admin_server(c.cluster, ("127.0.0.1", 0),
+                                                  recent_errors=errors.lines))
     try:
         status, body = get_json(srv.url + "/boom")
         assert (status, body) == (500, {"error": "Internal Server Error"})

@@ -13,8 +13,6 @@ admin ports) over it, a second download port that wants a token, and a
 sos-server whose only blob-server is down (for 503s).
 """
 
-import hashlib
-import json
 import os
 import socket
 import subprocess
@@ -31,12 +29,8 @@ from redbot.resource.fetch import RedHttpClient
 
 import sos
 from cluster import Group
-from conftest import ROOT, InProcess, blob_servers, request
-from helpers import Front, stop_hard
-
-
-def sha1(data):
-    return hashlib.sha1(data).hexdigest()
+from support import (ROOT, InProcessServer, InProcessSos, RawConnection, blob_servers,
+                     method_of, raw_exchange, request, sha1, stop_hard)
 
 
 TEXT = b"caches, proxies and monitors\n" * 5          # stored as text/plain
@@ -54,112 +48,14 @@ IMMUTABLE = "max-age=31536000, immutable"
 
 # --- Raw HTTP on a socket ---------------------------------------------------
 
-class Reply:
-    """One response as it came off the wire."""
-
-    def __init__(self, version, status, reason, headers, body, closed):
-        self.version, self.status, self.reason = version, status, reason
-        self.headers = headers        # [(name, value)] in wire order
-        self.body = body
-        self.closed = closed          # the server closed to end the body
-
-    def header(self, name):
-        """The value of header `name`, None if absent; two of them fail."""
-        values = [v for n, v in self.headers if n.lower() == name.lower()]
-        assert len(values) <= 1, "%d %s headers: %r" % (len(values), name, values)
-        return values[0] if values else None
-
-    def json(self):
-        return json.loads(self.body)
-
-    def __repr__(self):
-        return "<%s %d %s %r body=%r>" % (self.version, self.status, self.reason,
-                                          self.headers, self.body[:200])
-
-
-class Raw:
-    """A client connection that sends bytes as given and reads replies:
-    the head, then a Content-Length or chunked body, or up to the close."""
-
-    def __init__(self, port, timeout=10):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.buf = b""
-
-    def close(self):
-        self.sock.close()
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def _fill(self):
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise EOFError("server closed the connection")
-        self.buf += chunk
-
-    def _until(self, sep):
-        while sep not in self.buf:
-            self._fill()
-        item, self.buf = self.buf.split(sep, 1)
-        return item
-
-    def _exactly(self, n):
-        while len(self.buf) < n:
-            self._fill()
-        item, self.buf = self.buf[:n], self.buf[n:]
-        return item
-
-    def reply(self, method="GET"):
-        """Read one final response (interim 1xx ones are skipped)."""
-        head = self._until(b"\r\n\r\n").decode("latin-1")
-        line, *fields = head.split("\r\n")
-        version, status, reason = (line.split(" ", 2) + [""])[:3]
-        status = int(status)
-        headers = []
-        for field in fields:
-            name, sep, value = field.partition(":")
-            assert sep, "malformed header line %r" % field
-            headers.append((name, value.strip(" \t")))
-        if status < 200:
-            return self.reply(method)
-        names = {n.lower(): v for n, v in headers}
-        closed = False
-        if method == "HEAD" or status in (204, 304):
-            body = b""
-        elif "chunked" in names.get("transfer-encoding", "").lower():
-            body = b""
-            while True:
-                size = int(self._until(b"\r\n").split(b";")[0], 16)
-                if not size:
-                    while self._until(b"\r\n"):         # trailers
-                        pass
-                    break
-                body += self._exactly(size)
-                assert self._exactly(2) == b"\r\n", "bad chunk end"
-        elif "content-length" in names:
-            body = self._exactly(int(names["content-length"]))
-        else:
-            try:
-                while True:
-                    self._fill()
-            except EOFError:
-                pass
-            body, self.buf, closed = self.buf, b"", True
-        return Reply(version, status, reason, headers, body, closed)
-
-
-def method_of(data):
-    return data.split(b" ", 1)[0].decode("latin-1")
-
-
 def exchange(port, data):
-    """Send one request on a new connection: its Reply."""
-    conn = Raw(port)
-    try:
-        conn.send(data)
-        return conn.reply(method_of(data))
-    finally:
-        conn.close()
+    """Send one request on a new connection (support's raw client): its
+    Reply, which must have come whole and well-formed."""
+    reply = raw_exchange(port, data)
+    assert reply is not None, "closed without a reply"
+    assert reply.complete, "reply cut short: %r" % reply
+    assert not reply.malformed, "malformed header lines %r: %r" % (reply.malformed, reply)
+    return reply
 
 
 def req(line, *headers, body=None, host=True):
@@ -183,16 +79,17 @@ class Site:
 
     def __init__(self, blob_server):
         self.blob = blob_server("store")
-        self.front = Front([Group("g1", [self.blob.url])], copies=1,
-                           max_upload=MAX_UPLOAD)
+        self.front = InProcessSos([Group("g1", [self.blob.url])], copies=1,
+                                  max_upload=MAX_UPLOAD)
         cluster = self.front.cluster
-        self.admin = InProcess(sos.make_admin_server(
+        self.admin = InProcessServer(sos.make_admin_server(
             cluster, ("127.0.0.1", 0), self.front.up.srv.metrics, ["an old error"]))
-        up, down = sos.make_servers(cluster, host="127.0.0.1", upload_port=0, download_port=0, download_token=TOKEN)
+        up, down = sos.make_servers(cluster, host="127.0.0.1", upload_port=0,
+                                    download_port=0, download_token=TOKEN)
         up.server_close()
-        self.tokened = InProcess(down)
+        self.tokened = InProcessServer(down)
         gone = blob_server("gone")
-        self.down = Front([Group("g1", [gone.url])], copies=1)
+        self.down = InProcessSos([Group("g1", [gone.url])], copies=1)
         stop_hard(gone)
         for data, headers in ((TEXT, {"X-Mime-Type": "text/plain", "X-Owner": "alice"}),
                               (HTML, {"X-Mime-Type": "text/html"}),
@@ -617,22 +514,22 @@ KEEP = [
                          ids=[k[0] for k in KEEP])
 def test_connection_survives(site, server, first, first_status, connection, second,
                              second_status):
-    conn = Raw(site.ports[server])
+    conn = RawConnection.open(site.ports[server])
     try:
         data = site.fill(first, server)
         conn.send(data)
         reply = conn.reply(method_of(data))
+        assert reply is not None and reply.complete, reply
         assert reply.status == first_status, reply
         if connection:
             assert (reply.header("connection") or "").lower() == connection, reply
         else:
             assert "close" not in (reply.header("connection") or "").lower(), reply
         data = site.fill(second, server)
-        conn.send(data)
-        try:
-            again = conn.reply(method_of(data))
-        except (EOFError, ConnectionError) as e:
-            raise AssertionError("connection gone after %r: %s" % (reply, e)) from None
+        sent = conn.send(data)
+        again = conn.reply(method_of(data))
+        assert sent and again is not None and again.complete, \
+            "connection gone after %r: %r" % (reply, again)
         assert again.status == second_status, again
     finally:
         conn.close()
@@ -657,14 +554,12 @@ def test_head_answers_like_get(site, server, path, stable):
     body can't change between the two: /metrics counts the GET, /health
     measures latency), and no body: the GET that follows on the same
     connection must be read from its first byte."""
-    conn = Raw(site.ports[server])
-    try:
+    with RawConnection.open(site.ports[server]) as conn:
         conn.send(site.fill(req("HEAD %s HTTP/1.1" % path), server))
         head = conn.reply("HEAD")
         conn.send(site.fill(req("GET %s HTTP/1.1" % path), server))
         get = conn.reply("GET")
-    finally:
-        conn.close()
+    assert head is not None and get is not None and get.complete, (head, get)
     assert get.status == 200, get
     assert head.status == get.status, head
 

@@ -1,6 +1,5 @@
 """Operating SOS: health, metrics, the status page, access logs, tokens, TLS."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,14 +18,14 @@ import httpd
 import process
 import sos
 from cluster import Cluster, Group
-from support import ROOT, BlobProcess, InProcess, get_json, request, wait_for
+from support import ROOT, BlobProcess, InProcessServer, get_json, request, sha1, wait_for
 
 
 @pytest.fixture
 def admin(make_cluster):
     """A cluster of two groups of two, with its admin server."""
     c = make_cluster()
-    srv = InProcess(sos.make_admin_server(c.cluster, ("127.0.0.1", 0),
+    srv = InProcessServer(sos.make_admin_server(c.cluster, ("127.0.0.1", 0),
                                           c.up.srv.metrics, ["an old error"]))
     c.admin = srv
     yield c
@@ -58,7 +57,7 @@ def test_health_is_503_and_names_the_down_member(admin):
 def test_sos_metrics_parse_and_count_uploads(admin):
     for i in range(3):
         assert admin.upload(b"metric %d" % i)[0] == 200
-    assert admin.fetch(hashlib.sha1(b"metric 0").hexdigest())[0] == 200
+    assert admin.fetch(sha1(b"metric 0"))[0] == 200
     status, headers, text = request(admin.admin.url + "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
     fams = families(text.decode())
@@ -211,7 +210,7 @@ def test_tls_blob_server_and_sos_server_over_https(blob_server, certificate):
                           pool=sos.Pool(ssl_context=client))
     up, down = sos.make_servers(cluster, host="127.0.0.1", upload_port=0, download_port=0,
                                 tls=process.tls_context(cert, key))
-    up, down = InProcess(up), InProcess(down)
+    up, down = InProcessServer(up), InProcessServer(down)
     try:
         import http.client
         conn = http.client.HTTPSConnection("127.0.0.1", up.srv.server_port,
@@ -234,7 +233,7 @@ def test_tls_blob_server_and_sos_server_over_https(blob_server, certificate):
         assert (resp.status, json.loads(resp.read())["copies"]) == (200, 2)
         conn = http.client.HTTPSConnection("127.0.0.1", down.srv.server_port,
                                            context=client, timeout=30)
-        conn.request("GET", "/fetch/" + hashlib.sha1(big).hexdigest())
+        conn.request("GET", "/fetch/" + sha1(big))
         assert conn.getresponse().read() == big
         # Plain HTTP to a TLS port gets nothing, and the server lives on.
         with pytest.raises(Exception):

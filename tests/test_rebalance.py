@@ -4,43 +4,24 @@ removes only the version it copied, and the tombstone rules that moves rely
 on (no write from the future, no reclaim bounce, no older copy served after
 a delete)."""
 
-import logging
 import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import cluster
-import replicate
 import sos
 from cluster import Group, placement
-from support import Front, InProcess, get_json, request, sha1
+from support import (InProcessServer, InProcessSos, get_json, request, run_replicate, sha1,
+                     summary)
 
 NS = 10 ** 9
 
 
-def run(capsys, *argv):
+def rebalance(capsys, *argv):
     """replicate.main in-process: (exit code, {group: moves row}, output)."""
-    loggers = [logging.getLogger(n) for n in ("access", "replicate")]
-    saved = [(lg, lg.level, lg.propagate, lg.handlers[:]) for lg in loggers]
-    capsys.readouterr()
-    try:
-        rc = replicate.main(list(argv))
-    finally:
-        for lg, level, propagate, handlers in saved:
-            lg.setLevel(level)
-            lg.propagate = propagate
-            lg.handlers[:] = handlers
-    out = capsys.readouterr().out
-    moves, table = {}, False
-    for line in out.splitlines():
-        cells = line.split()
-        if cells[:1] == ["moves"]:
-            table = True
-        elif table and len(cells) == 6 and cells[1].isdigit():
-            moves[cells[0]] = dict(zip(("moved_in", "moved_out", "bytes", "failed",
-                                        "left"), map(int, cells[1:])))
-    return rc, moves, out
+    rc, _, out = run_replicate(capsys, *argv)
+    return rc, summary(out, "moves"), out
 
 
 def config(tmp_path, groups):
@@ -101,7 +82,7 @@ def test_adding_groups_moves_every_misplaced_blob_and_tombstone(shape, tmp_path,
     misplaced = [i for i in blobs if placement(i, groups)[0] is not g1]
     assert 20 < len(misplaced) < 60
 
-    rc, moves, out = run(capsys, "--config", config(tmp_path, groups), "--rebalance")
+    rc, moves, out = rebalance(capsys, "--config", config(tmp_path, groups), "--rebalance")
     assert rc == 0, out
     assert moves["g1"]["moved_out"] == len(misplaced)
     assert moves["g2"]["moved_in"] + moves["g3"]["moved_in"] == len(misplaced)
@@ -114,14 +95,14 @@ def test_adding_groups_moves_every_misplaced_blob_and_tombstone(shape, tmp_path,
             assert kind == ("tombstone" if blob_id in deleted else "blob")
             if blob_id not in deleted:
                 assert ts == 1000 * NS + list(blobs).index(blob_id)
-    front = Front(groups)
+    front = InProcessSos(groups)
     try:
         for blob_id, data in blobs.items():
             status, _, body = front.fetch(blob_id)
             assert (status, body) == ((404, body) if blob_id in deleted else (200, data))
     finally:
         front.stop()
-    rc, moves, _ = run(capsys, "--config", config(tmp_path, groups), "--rebalance")
+    rc, moves, _ = rebalance(capsys, "--config", config(tmp_path, groups), "--rebalance")
     assert rc == 0 and sum(m["moved_out"] for m in moves.values()) == 0
 
 
@@ -133,7 +114,7 @@ def test_dry_run_says_what_it_would_move_and_moves_nothing(shape, tmp_path, caps
         assert post(g1.servers[0].url, blob_id, b"%d" % n)[0] == 200
         ids.append(blob_id)
     before = states(g1.servers[0])
-    rc, moves, out = run(capsys, "--config", config(tmp_path, groups), "--rebalance",
+    rc, moves, out = rebalance(capsys, "--config", config(tmp_path, groups), "--rebalance",
                          "--dry-run")
     would = [i for i in ids if placement(i, groups)[0] is g2]
     assert rc == 0 and sorted(out.count("would move %s" % i) for i in would) == [1] * len(would)
@@ -146,7 +127,7 @@ def test_a_draining_group_takes_no_uploads_and_empties(shape, tmp_path, capsys):
         data = b"old %d" % n
         for s in old.servers:
             assert post(s.url, sha1(data), data)[0] == 200
-    front = Front(groups)
+    front = InProcessSos(groups)
     try:
         fresh = [front.upload(b"new %d" % n)[1]["id"] for n in range(20)]
         assert all(where(groups, i) == {"new"} for i in fresh)
@@ -155,7 +136,7 @@ def test_a_draining_group_takes_no_uploads_and_empties(shape, tmp_path, capsys):
         assert (status, body) == (200, b"old 7")
     finally:
         front.stop()
-    rc, moves, out = run(capsys, "--config", config(tmp_path, groups), "--rebalance")
+    rc, moves, out = rebalance(capsys, "--config", config(tmp_path, groups), "--rebalance")
     assert rc == 0, out
     assert moves["old"]["moved_out"] == 30 and "group old is draining: EMPTY" in out
     assert all(states(s) == {} for s in old.servers)
@@ -174,14 +155,14 @@ def test_a_move_waits_for_every_member_of_its_placement_group(shape, tmp_path, c
             assert post(g1.servers[0].url, sha1(d), d)[0] == 200
     down = g2.servers[1]
     down.stop()
-    rc, moves, out = run(capsys, "--config", config(tmp_path, groups), "--rebalance",
+    rc, moves, out = rebalance(capsys, "--config", config(tmp_path, groups), "--rebalance",
                          "--copies", "2")
     assert rc == 1
     assert moves["g1"]["moved_out"] == 0 and moves["g1"]["failed"] == 10
     assert set(states(g1.servers[0])) == set(data)
     # With --copies 1 the reachable member is enough: the one that is
     # down gets its copies from the group's own sync once back.
-    rc, moves, out = run(capsys, "--config", config(tmp_path, groups), "--rebalance",
+    rc, moves, out = rebalance(capsys, "--config", config(tmp_path, groups), "--rebalance",
                          "--copies", "1")
     assert moves["g1"]["moved_out"] == 10 and states(g1.servers[0]) == {}
     assert set(states(g2.servers[0])) == set(data)
@@ -230,7 +211,7 @@ def test_a_reclaimed_tombstone_does_not_come_back(blob_server, tmp_path, capsys)
     blob_id = sha1(b"z")
     old = time.time_ns() - 7200 * NS
     assert delete(b.url, blob_id, old)[0] == 200
-    rc, _, out = run(capsys, "-blob-server", "%s,%s" % (a.url, b.url))
+    rc, _, out = rebalance(capsys, "-blob-server", "%s,%s" % (a.url, b.url))
     assert rc == 0, out
     assert states(a) == {} and states(b)[blob_id] == (old, "tombstone")
     assert post(a.url, blob_id, b"z", old - NS)[0] == 200
@@ -251,7 +232,7 @@ def test_fetch_serves_no_copy_older_than_a_delete_it_saw(shape):
     status, headers, _ = request("%s/blob/%s" % (home.url, blob_id))
     assert status == 404 and headers["x-sos-deleted"] == str(2000 * NS)
     assert post(other.url, blob_id, data, 1000 * NS)[0] == 200
-    front = Front(groups)
+    front = InProcessSos(groups)
     try:
         assert front.fetch(blob_id)[0] == 404
         assert post(other.url, blob_id, data, 3000 * NS)[0] == 200
@@ -287,7 +268,7 @@ def test_metrics_file_is_prometheus_text_and_keeps_the_last_success(shape, tmp_p
         return {(s.name, s.labels["group"]): s.value for f in
                 text_string_to_metric_families(path.read_text()) for s in f.samples}
     start = time.time()
-    rc, moves, _ = run(capsys, "--config", conf, "--rebalance", "--copies", "1",
+    rc, moves, _ = rebalance(capsys, "--config", conf, "--rebalance", "--copies", "1",
                        "--metrics-file", str(path))
     first = read()
     assert rc == 0 and first[("sos_replicate_moved", "g1")] == moves["g1"]["moved_out"] > 0
@@ -296,7 +277,7 @@ def test_metrics_file_is_prometheus_text_and_keeps_the_last_success(shape, tmp_p
     success = first[("sos_replicate_last_success_timestamp_seconds", "g2")]
     assert start <= success <= time.time()
     g2.servers[0].stop()
-    rc, _, _ = run(capsys, "--config", conf, "--metrics-file", str(path))
+    rc, _, _ = rebalance(capsys, "--config", conf, "--metrics-file", str(path))
     second = read()
     assert rc == 1 and second[("sos_replicate_unreachable", "g2")] == 1
     assert second[("sos_replicate_last_success_timestamp_seconds", "g2")] == pytest.approx(
@@ -309,8 +290,8 @@ def test_status_page_shows_each_groups_share_and_the_draining_one(shape):
     old, new = groups = shape({"old": 1, "new": 1}, weights={"old": 0})
     for n in range(3):                       # old: 3 blobs of 10 bytes
         assert post(old.servers[0].url, sha1(b"%010d" % n), b"%010d" % n)[0] == 200
-    front = Front(groups)
-    admin = InProcess(sos.make_admin_server(front.cluster, ("127.0.0.1", 0)))
+    front = InProcessSos(groups)
+    admin = InProcessServer(sos.make_admin_server(front.cluster, ("127.0.0.1", 0)))
     try:
         assert front.upload(b"x" * 30)[0] == 200          # new: 1 blob of 30 bytes
         status, _, page = request(admin.url + "/status")

@@ -2,7 +2,6 @@
 memory stays flat, and the digest shortcut agrees with a full comparison."""
 
 import hashlib
-import logging
 import os
 import random
 import re
@@ -18,8 +17,8 @@ import replicate
 import sos
 from cluster import Group
 from go_original import GoOriginal
-from support import (ROOT, Front, blob_path, flip_byte, get_json, request, sha1,
-                     stop_hard)
+from support import (ROOT, InProcessSos, blob_path, flip_byte, get_json, request,
+                     run_replicate, sha1, stop_hard)
 
 
 def put(srv, data, meta=None):
@@ -31,35 +30,6 @@ def put(srv, data, meta=None):
 
 def ids(srv):
     return set(srv.store.ids())
-
-
-def main(argv):
-    """replicate.main, undoing what its logging setup does to this process's
-    loggers (main expects to own the process)."""
-    loggers = [logging.getLogger(name) for name in ("access", "replicate")]
-    saved = [(lg, lg.level, lg.propagate, lg.handlers[:]) for lg in loggers]
-    try:
-        return replicate.main(argv)
-    finally:
-        for lg, level, propagate, handlers in saved:
-            lg.setLevel(level)
-            lg.propagate = propagate
-            lg.handlers[:] = handlers
-
-
-def run(capsys, *argv):
-    """replicate.main in-process: returns (exit code, {group: summary}, output)."""
-    capsys.readouterr()
-    rc = main(list(argv))
-    out = capsys.readouterr().out
-    summary = {}
-    for line in out.splitlines():
-        m = re.fullmatch(r"(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+[\d.]+",
-                         line)
-        if m:
-            summary[m.group(1)] = dict(zip(("examined", "copied", "deleted", "failed",
-                                            "unreachable"), map(int, m.groups()[1:])))
-    return rc, summary, out
 
 
 def servers(blob_server, n, prefix="m"):
@@ -75,7 +45,7 @@ def test_three_members_with_different_content_converge(blob_server, capsys):
     put(b, b"on a and b")
     union = ids(a) | ids(b) | ids(c)
     assert len(union) == 4
-    rc, summary, _ = run(capsys, "-blob-server", ",".join((a.url, b.url, c.url)))
+    rc, summary, _ = run_replicate(capsys, "-blob-server", ",".join((a.url, b.url, c.url)))
     assert rc == 0
     assert ids(a) == ids(b) == ids(c) == union
     assert summary["default"]["copied"] == 2 + 2 + 2 + 1
@@ -88,10 +58,10 @@ def test_second_run_copies_nothing(blob_server, capsys):
     for i in range(30):
         put((a, b, c)[i % 3], b"blob %d" % i)
     urls = ",".join((a.url, b.url, c.url))
-    assert run(capsys, "-blob-server", urls)[:2] == \
+    assert run_replicate(capsys, "-blob-server", urls)[:2] == \
         (0, {"default": {"examined": 30, "copied": 60, "deleted": 0, "failed": 0,
                          "unreachable": 0}})
-    assert run(capsys, "-blob-server", urls)[:2] == \
+    assert run_replicate(capsys, "-blob-server", urls)[:2] == \
         (0, {"default": {"examined": 0, "copied": 0, "deleted": 0, "failed": 0,
                          "unreachable": 0}})
 
@@ -99,7 +69,7 @@ def test_second_run_copies_nothing(blob_server, capsys):
 def test_metadata_is_preserved_on_copies(blob_server, capsys):
     a, b = servers(blob_server, 2)
     blob_id = put(a, b"<b>bold</b>", {"X-Mime-Type": "text/html", "X-Foo": "bar"})
-    assert run(capsys, "-blob-server", a.url + "," + b.url)[0] == 0
+    assert run_replicate(capsys, "-blob-server", a.url + "," + b.url)[0] == 0
     assert b.store.metadata(blob_id) == {"X-Mime-Type": "text/html", "X-Foo": "bar"}
     status, headers, body = request(b.url + "/blob/" + blob_id)
     assert status == 200 and body == b"<b>bold</b>"
@@ -111,7 +81,7 @@ def test_member_down_exits_1_and_the_rest_converge(blob_server, capsys):
     put(a, b"from a")
     put(b, b"from b")
     stop_hard(gone)
-    rc, summary, _ = run(capsys, "-blob-server", ",".join((a.url, gone.url, b.url)))
+    rc, summary, _ = run_replicate(capsys, "-blob-server", ",".join((a.url, gone.url, b.url)))
     assert rc == 1
     assert summary["default"]["unreachable"] == 1
     assert ids(a) == ids(b) == {sha1(b"from a"), sha1(b"from b")}
@@ -125,7 +95,7 @@ def test_scrub_quarantines_a_flipped_byte_and_repairs_it(blob_server, capsys):
     put(a, b"a healthy neighbour")
     put(b, b"a healthy neighbour")
     flip_byte(b.store, blob_id, 1234)
-    rc, summary, out = run(capsys, "-blob-server", a.url + "," + b.url,
+    rc, summary, out = run_replicate(capsys, "-blob-server", a.url + "," + b.url,
                            "--scrub", "--scrub-rate", "0")
     assert rc == 0
     assert "quarantined by scrub: 1" in out
@@ -145,7 +115,7 @@ def test_corrupt_source_is_never_copied(blob_server, capsys):
     blob_id = put(a, data)
     flip_byte(a.store, blob_id, 10)
     good = put(b, b"a good blob")
-    rc, summary, out = run(capsys, "-blob-server", ",".join((a.url, b.url, c.url)))
+    rc, summary, out = run_replicate(capsys, "-blob-server", ",".join((a.url, b.url, c.url)))
     assert rc == 1
     assert "corrupt copies refused: 2" in out
     assert not b.store.exists(blob_id) and not c.store.exists(blob_id)
@@ -157,7 +127,7 @@ def test_dry_run_changes_nothing(blob_server, capsys):
     a, b = servers(blob_server, 2)
     x = put(a, b"x")
     y = put(b, b"y")
-    rc, _, out = run(capsys, "-blob-server", a.url + "," + b.url, "--dry-run")
+    rc, _, out = run_replicate(capsys, "-blob-server", a.url + "," + b.url, "--dry-run")
     assert rc in (0, 1)
     assert ids(a) == {x} and ids(b) == {y}
     assert "would copy %s %s -> %s" % (x, a.url, b.url) in out
@@ -253,7 +223,7 @@ def test_group_flag_syncs_only_that_group(blob_server, tmp_path, capsys):
     for srv in (a, b, c, d):
         put(srv, b"on " + srv.url.encode())
     config = write_config(tmp_path, [("g1", (a, b)), ("g2", (c, d))])
-    rc, summary, _ = run(capsys, "--config", config, "--group", "g1")
+    rc, summary, _ = run_replicate(capsys, "--config", config, "--group", "g1")
     assert rc == 0 and list(summary) == ["g1"]
     assert ids(a) == ids(b) and len(ids(a)) == 2
     assert len(ids(c)) == len(ids(d)) == 1
@@ -264,7 +234,7 @@ def test_groups_never_copy_across(blob_server, tmp_path, capsys):
     for srv in (a, b, c, d):
         put(srv, b"on " + srv.url.encode())
     config = write_config(tmp_path, [("g1", (a, b)), ("g2", (c, d))])
-    rc, summary, _ = run(capsys, "--config", config)
+    rc, summary, _ = run_replicate(capsys, "--config", config)
     assert rc == 0 and summary["g1"]["copied"] == summary["g2"]["copied"] == 2
     g1 = {sha1(b"on " + a.url.encode()), sha1(b"on " + b.url.encode())}
     g2 = {sha1(b"on " + c.url.encode()), sha1(b"on " + d.url.encode())}
@@ -276,14 +246,14 @@ def test_unknown_group_or_bad_config_exits_2(blob_server, tmp_path, capsys):
     config = write_config(tmp_path, [("g1", (a, b))])
     rc = None
     try:
-        main(["--config", config, "--group", "nope"])
+        run_replicate(capsys, "--config", config, "--group", "nope")
     except SystemExit as e:
         rc = e.code
     assert rc == 2
     bad = tmp_path / "bad.conf"
     bad.write_text("[g1]\n-: not a url\n")
     try:
-        main(["--config", str(bad)])
+        run_replicate(capsys, "--config", str(bad))
     except SystemExit as e:
         rc = e.code
     assert rc == 2 and "%s:2" % bad in capsys.readouterr().err
@@ -302,7 +272,7 @@ def test_replicate_falls_back_to_full_listings_against_the_original(blob_server,
             go.blobs[sha1(data)] = (data, {"X-Mime-Type": "text/plain"})
             theirs.add(sha1(data))
         urls = ours.url + "," + go.url
-        rc, summary, _ = run(capsys, "-blob-server", urls)
+        rc, summary, _ = run_replicate(capsys, "-blob-server", urls)
         assert rc == 0 and summary["default"]["copied"] == 10
         assert ids(ours) == set(go.blobs) == mine | theirs
         assert any(r.startswith("GET /blobs") for r in go.requests)
@@ -312,7 +282,7 @@ def test_replicate_falls_back_to_full_listings_against_the_original(blob_server,
         for blob_id in mine:
             data = go.blobs[blob_id][0]
             assert sha1(data) == blob_id and go.blobs[blob_id][1]["X-Foo"]
-        rc, summary, _ = run(capsys, "-blob-server", urls)
+        rc, summary, _ = run_replicate(capsys, "-blob-server", urls)
         assert rc == 0 and summary["default"]["copied"] == 0
     finally:
         go.stop()
@@ -321,7 +291,7 @@ def test_replicate_falls_back_to_full_listings_against_the_original(blob_server,
 def test_sos_server_uploads_to_and_fetches_from_the_original(blob_server):
     ours = blob_server("ours")
     go = GoOriginal()
-    front = Front([Group("mixed", [ours.url, go.url])])
+    front = InProcessSos([Group("mixed", [ours.url, go.url])])
     try:
         data = os.urandom(10000)             # the original sends it chunked
         status, reply = front.upload(data, {"X-Mime-Type": "image/png"})

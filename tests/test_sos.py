@@ -24,8 +24,8 @@ import blobstore
 import sos
 from cluster import (ConfigError, Group, load_groups, merge_groups, parse_config,
                      placement, rank)
-from support import (ROOT, Front, InProcess, blob_path, flip_byte, get_json,
-                     request, sha1, stop_hard)
+from support import (ROOT, InProcessServer, InProcessSos, RawConnection, blob_path,
+                     flip_byte, request, sha1, stop_hard)
 
 
 def body_where(predicate, size=200):
@@ -42,7 +42,7 @@ def make_front():
     made = []
 
     def make(groups, **options):
-        f = Front(groups, **options)
+        f = InProcessSos(groups, **options)
         made.append(f)
         return f
     yield make
@@ -457,7 +457,7 @@ def test_a_member_that_never_answers_does_not_hold_up_an_upload(blob_server, siz
     sink.listen(64)
     members = [blob_server("m1").url, blob_server("m2").url,
                "http://127.0.0.1:%d" % sink.getsockname()[1]]
-    front = Front([Group("g", members)], timeout=30, copies=2)
+    front = InProcessSos([Group("g", members)], timeout=30, copies=2)
     try:
         started = time.monotonic()
         status, reply = front.upload(os.urandom(size))
@@ -524,7 +524,7 @@ def test_stale_pooled_connections_do_not_fail_requests_after_a_restart(blob_serv
         r.close()
     port = srv.srv.server_port
     stop_hard(srv)
-    again = InProcess(blob.make_server(("127.0.0.1", port), srv.store))
+    again = InProcessServer(blob.make_server(("127.0.0.1", port), srv.store))
     try:
         reply = pool.request(again.url, "GET", "/blob/abc")
         assert reply.status == 200 and reply.read() == b"still here"
@@ -606,13 +606,13 @@ def test_bad_id_is_400_json(make_cluster, name):
 def test_upload_over_max_is_413_before_the_body_is_read(blob_server, make_front):
     srv = blob_server()
     front = make_front([Group("g", [srv.url])], max_upload=1000)
-    with socket.create_connection(("127.0.0.1", front.up.srv.server_port),
-                                  timeout=10) as s:
+    with RawConnection.open(front.up.url, timeout=10) as conn:
         # Only the head: a server waiting for the body would time out here.
-        s.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\n"
+        conn.send(b"POST /upload HTTP/1.1\r\nHost: x\r\n"
                   b"Content-Length: 100000000\r\n\r\n")
-        head = s.recv(4096)
-    assert head.startswith(b"HTTP/1.1 413 ")
+        reply = conn.reply("POST")
+    assert reply is not None and reply.interim == [], reply
+    assert (reply.version, reply.status) == ("HTTP/1.1", 413), reply
     conn = http.client.HTTPConnection("127.0.0.1", front.up.srv.server_port, timeout=10)
     conn.request("POST", "/upload", body=iter([b"x" * 600, b"y" * 600]),
                  encode_chunked=True, headers={"Transfer-Encoding": "chunked"})
@@ -625,20 +625,6 @@ def test_upload_over_max_is_413_before_the_body_is_read(blob_server, make_front)
 # --- The cluster against a model ------------------------------------------------------------
 
 DELETE_TOKEN = "machine-delete-token"
-
-
-class DeletingFront(Front):
-    """A Front whose upload port also takes DELETE /fetch/<id>.  Front hands
-    its options to Cluster; the token is the upload server's setting
-    (make_servers' delete_token), read per request."""
-
-    def __init__(self, groups, **options):
-        super().__init__(groups, **options)
-        self.up.srv.delete_token = DELETE_TOKEN
-
-    def delete(self, blob_id, authorization="Bearer " + DELETE_TOKEN):
-        headers = {"Authorization": authorization} if authorization else {}
-        return get_json(self.up.url + "/fetch/" + blob_id, "DELETE", None, headers)
 
 
 class ClusterMachine(RuleBasedStateMachine):
@@ -661,13 +647,13 @@ class ClusterMachine(RuleBasedStateMachine):
         self.stores, self.servers, self.ports = [], [], []
         for i in range(4):
             store = blobstore.BlobStore(os.path.join(self.tmp, "s%d" % i))
-            srv = InProcess(blob.make_server(("127.0.0.1", 0), store))
+            srv = InProcessServer(blob.make_server(("127.0.0.1", 0), store))
             self.stores.append(store)
             self.servers.append(srv)
             self.ports.append(srv.srv.server_port)
         self.urls = [s.url for s in self.servers]
         groups = [Group("g1", self.urls[:2]), Group("g2", self.urls[2:])]
-        self.front = DeletingFront(groups, timeout=5)
+        self.front = InProcessSos(groups, timeout=5, delete_token=DELETE_TOKEN)
         self.model = {}          # id -> bytes: acknowledged, not deleted since
         self.maybe = {}          # id -> bytes: deleted (202) while a member was away
         self.deleted = set()     # deleted (200) on every member
@@ -753,7 +739,8 @@ class ClusterMachine(RuleBasedStateMachine):
     @rule(blob_id=ids, authorization=st.sampled_from([None, "Bearer wrong"]))
     def delete_unauthorized(self, blob_id, authorization):
         held = [store.exists(blob_id) for store in self.stores]
-        status, reply = self.front.delete(blob_id, authorization)
+        headers = {"Authorization": authorization} if authorization else {}
+        status, reply = self.front.delete(blob_id, headers)
         assert status == (401 if authorization is None else 403) and "error" in reply
         assert [store.exists(blob_id) for store in self.stores] == held
 
@@ -776,7 +763,7 @@ class ClusterMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 3))
     def start(self, i):
         if not self.servers[i]:
-            self.servers[i] = InProcess(blob.make_server(
+            self.servers[i] = InProcessServer(blob.make_server(
                 ("127.0.0.1", self.ports[i]), self.stores[i]))
 
     @invariant()

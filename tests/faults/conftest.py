@@ -23,7 +23,7 @@ import random
 
 import pytest
 
-from .kit import BlobServer, SosServer
+from support import Processes
 
 FIGURES = pytest.StashKey[dict]()
 
@@ -127,61 +127,11 @@ def rng():
     return r
 
 
-class Processes:
-    """Starts our programs for one test and cleans up after it."""
-
-    def __init__(self, tmp_path):
-        self.tmp_path = tmp_path
-        self.started = []
-
-    def blob(self, name="store", *args, **kwargs):
-        """blob.py with its store at tmp_path/name."""
-        kwargs.setdefault("log_path", str(self.tmp_path / (name + ".log")))
-        srv = BlobServer(kwargs.pop("store", None) or self.tmp_path / name, *args, **kwargs)
-        self.started.append(srv)
-        return srv
-
-    def sos(self, groups, *args, name="sos", **kwargs):
-        """sos.py in front of groups: [(name, [url or BlobServer])]."""
-        groups = [(g, [m.url if hasattr(m, "url") else m for m in members])
-                  for g, members in groups]
-        srv = SosServer(groups, str(self.tmp_path / name), *args, **kwargs)
-        self.started.append(srv)
-        return srv
-
-    def cluster(self, layout=(("g1", 2), ("g2", 2)), *sos_args):
-        """Groups of blob.py processes behind a sos.py: returns a Cluster."""
-        groups = {g: [self.blob("%s-%d" % (g, i)) for i in range(n)]
-                  for g, n in layout}
-        return Cluster(groups, self.sos(list(groups.items()), *sos_args))
-
-    def stop_all(self):
-        for p in self.started:
-            p.kill()
-
-    def crashed(self):
-        """Programs whose stderr shows a traceback they were not allowed."""
-        return ["%s: %d traceback(s)\n%s" % (p.log_path, p.tracebacks(), p.log()[-3000:])
-                for p in self.started if not p.ignore_tracebacks and p.tracebacks()]
-
-
-class Cluster:
-    def __init__(self, groups, sos):
-        self.groups = groups         # {name: [BlobServer]}
-        self.sos = sos
-        self.members = [m for ms in groups.values() for m in ms]
-
-    def holders(self, blob_id):
-        return [m for m in self.members if os.path.exists(m.path(blob_id))]
-
-    def config(self):
-        return self.sos.config
-
-
 @pytest.fixture
 def procs(tmp_path):
-    """Factory for real processes (blob.py, sos.py); all are killed after the
-    test, and a traceback in any one's stderr fails it."""
+    """Factory for real processes (blob.py, sos.py): a support.Processes;
+    all are killed after the test, and a traceback in any one's stderr
+    fails it."""
     p = Processes(tmp_path)
     yield p
     p.stop_all()

@@ -1,10 +1,27 @@
-"""The fault suite's tools: our programs as real processes, a raw HTTP client,
-process and store inspection, strace attachment, small filesystems.
+"""The fault suite's own tools, on top of support.py (the tests' one
+scaffolding module, where the programs as processes, the raw HTTP client,
+sha1 and replicate's summary live; import those from there, not from here).
+
+    SCALE, scaled, SOAK_MINUTES   how many trials, how long a soak
+    HEAD_TIMEOUT ... CONNECT_TIMEOUT
+                                  the deadlines the servers promise
+    StallMeter                    how long this machine stopped running us
+    fuzz_settings, mutated, responses, judge
+                                  hostile requests and what a reply to one
+                                  may not be (rows 16-18, the soak)
+    upload_bytes, Uploader, check_store
+                                  uploads cut by kill -9 and what a restarted
+                                  blob-server must still hold (rows 4-6)
+    stored                        a store's blobs, read from the disk
+    require_tool, Tracer, strike, kill_at_every_call
+                                  strace fault injection
+    mount_tmpfs, mount_ext4, umount
+                                  small filesystems
 
 Everything here drives the real blob.py, sos.py and replicate.py from the
 outside, as an operator or an attacker would: through sockets, signals,
 ptrace and the files on disk.  The programs are imported only for their
-constants (the deadlines they promise) and pure functions (placement).
+constants (the deadlines they promise).
 """
 
 import os
@@ -15,18 +32,13 @@ import subprocess
 import threading
 import time
 
-# The tests' one support module (tests/ is on sys.path: pytest puts the
-# folder above this package there).  What the suite takes from it is named
-# here, so `from .kit import ...` keeps working.
-import support
-from support import (PYTHON, ROOT, BlobProcess, blob_path, flip_bit,  # noqa: F401
-                     get_json, request, sha1, wait_for)
+from hypothesis import HealthCheck, settings, strategies as st
 
-import httpd  # noqa: E402
+# tests/ is on sys.path (pytest puts the folder above this package there).
+from support import RawConnection, address, raw_exchange, sha1, wait_for
+
+import httpd  # noqa: E402  (support puts the repository root on sys.path)
 import upstream  # noqa: E402
-
-poll = wait_for
-request_json = get_json
 
 # One knob scales every trial count of the fast suite (CI: 1); the soak
 # tests run for SOAK_MINUTES in all instead.
@@ -77,294 +89,179 @@ def scaled(n, minimum=1):
     return max(minimum, int(n * SCALE))
 
 
-# --- HTTP clients --------------------------------------------------------------
+# --- Hostile requests (rows 16-18) ------------------------------------------------
 
-def address(url):
-    host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
-    return host, int(port)
-
-
-class Response:
-    """A response parsed from raw bytes; complete only if every promised
-    body byte arrived."""
-
-    def __init__(self, status, head, body, complete, interim=()):
-        self.status, self.head, self.body = status, head, body
-        self.complete = complete
-        self.interim = list(interim)     # 1xx status codes seen first
-
-    def header(self, name):
-        for line in self.head.split(b"\r\n")[1:]:
-            k, _, v = line.partition(b":")
-            if k.strip().lower() == name.lower().encode():
-                return v.strip().decode("latin-1")
-        return None
-
-    def __repr__(self):
-        return "<Response %s complete=%s %r>" % (self.status, self.complete,
-                                                  self.body[:80])
+HEADER_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+: [\x20-\x7e]*")
+STATUS_LINE = re.compile(rb"HTTP/1\.1 [1-5][0-9][0-9] [\x20-\x7e]*")
+# 501 (a Transfer-Encoding we don't do) and 505 (not HTTP/1.x) are answers
+# about the request, not failures of the server; 503 is "try later".
+NOT_A_FAILURE = (501, 503, 505)
 
 
-def read_response(sock, deadline, head_only=False):
-    """Read one response from sock; None if the connection closed first.
-
-    Interim 1xx responses are recorded and skipped."""
-    buf = b""
-    interim = []
-    while True:
-        while b"\r\n\r\n" not in buf:
-            chunk = _recv(sock, deadline)
-            if not chunk:
-                return None
-            buf += chunk
-        head, _, buf = buf.partition(b"\r\n\r\n")
-        m = re.match(rb"HTTP/1\.[01] (\d{3})", head)
-        if not m:
-            raise AssertionError("not an HTTP response: %r" % head[:200])
-        status = int(m.group(1))
-        if 100 <= status < 200:
-            interim.append(status)
-            continue
-        break
-    resp = Response(status, head, b"", False, interim)
-    length = resp.header("content-length")
-    if head_only or status in (204, 304):
-        resp.complete = True
-        return resp
-    if length is not None:
-        need = int(length)
-        while len(buf) < need:
-            chunk = _recv(sock, deadline)
-            if not chunk:
-                break
-            buf += chunk
-        resp.body, resp.complete = buf[:need], len(buf) >= need
-        return resp
-    if (resp.header("transfer-encoding") or "").lower() == "chunked":
-        body = b""
-        while True:
-            while b"\r\n" not in buf:
-                chunk = _recv(sock, deadline)
-                if not chunk:
-                    resp.body = body
-                    return resp
-                buf += chunk
-            line, _, buf = buf.partition(b"\r\n")
-            size = int(line.split(b";")[0], 16)
-            while len(buf) < size + 2:
-                chunk = _recv(sock, deadline)
-                if not chunk:
-                    resp.body = body + buf[:size]
-                    return resp
-                buf += chunk
-            if size == 0:
-                resp.body, resp.complete = body, True
-                return resp
-            body += buf[:size]
-            buf = buf[size + 2:]
-    while True:                       # delimited by close
-        chunk = _recv(sock, deadline)
-        if not chunk:
-            break
-        buf += chunk
-    resp.body, resp.complete = buf, True
-    return resp
 
 
-def _recv(sock, deadline):
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("no response in time")
-    sock.settimeout(left)
-    try:
-        return sock.recv(1 << 16)
-    except (ConnectionResetError, BrokenPipeError):
-        return b""
+def fuzz_settings(examples):
+    """CI: a fixed, reproducible set of examples (derandomize); soak and
+    FAULT_SCALE>1 explore more."""
+    return settings(max_examples=examples, deadline=None, database=None,
+                    derandomize=SCALE <= 1, suppress_health_check=list(HealthCheck),
+                    print_blob=True)
 
 
-def exchange(url, data, timeout=10.0, head_only=False):
-    """Send raw request bytes on a new connection and read one response.
+VALID = [
+    b"GET /alive HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /blob/%s HTTP/1.1\r\nHost: t\r\nRange: bytes=0-1\r\n\r\n" % sha1(b"hello").encode(),
+    b"HEAD /blob/%s HTTP/1.1\r\nHost: t\r\nIf-None-Match: \"x\"\r\n\r\n" % sha1(b"hello").encode(),
+    b"POST /blob/%s HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nX-Mime-Type: a/b\r\n\r\nhello"
+    % sha1(b"hello").encode(),
+    b"POST /blob/abc HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"GET /blobs?prefix=a&after=a0&limit=3 HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"POST /verify/%s HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n" % sha1(b"hello").encode(),
+    b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nX-Name: n\r\n\r\nhello",
+    b"GET /fetch/%s.txt HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % sha1(b"hello").encode(),
+    b"GET /stats HTTP/1.0\r\n\r\n",
+]
+NASTY = [b"\r", b"\n", b"\r\n", b"\x00", b" ", b":", b"\t", b"%", b"..", b"/", b"\xff",
+         b"-1", b"99999999999999999999", b"chunked", b"\r\n\r\n", b"HTTP/1.1", b"\x7f"]
 
-    Returns a Response, or None if the server closed without answering."""
-    with socket.create_connection(address(url), timeout=timeout) as sock:
+
+@st.composite
+def mutated(draw):
+    data = bytearray(draw(st.sampled_from(VALID)))
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(data)))
+        op = draw(st.sampled_from(["insert", "delete", "replace", "flip", "repeat"]))
+        piece = draw(st.one_of(st.sampled_from(NASTY), st.binary(min_size=1, max_size=8)))
+        if op == "insert":
+            data[at:at] = piece
+        elif op == "delete":
+            del data[at:at + draw(st.integers(1, 16))]
+        elif op == "replace":
+            data[at:at + len(piece)] = piece
+        elif op == "flip" and at < len(data):
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif op == "repeat":
+            data[at:at] = data[max(0, at - 32):at]
+    return bytes(data)
+
+
+def responses(url, data, timeout=20):
+    """Send data, half-close, and read every response until the server
+    closes: [Reply, or None for bytes that are not one]."""
+    out = []
+    with RawConnection.open(url, timeout) as conn:
         try:
-            sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass                      # it may have answered already
-        return read_response(sock, time.monotonic() + timeout, head_only)
-
-
-# --- Our programs as processes ------------------------------------------------
-
-class Program(support.Program):
-    """One of our programs as a real process (support.Program: spawn, the
-    banner read against a deadline, kill, the stderr log), with the /proc
-    figures invariant I6 is checked on."""
-
-    def _status(self):
-        with open("/proc/%d/status" % self.pid) as f:
-            return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-
-    def threads(self):
-        return int(self._status()["Threads"])
-
-    def fds(self):
-        return len(os.listdir("/proc/%d/fd" % self.pid))
-
-    def rss(self):
-        return int(self._status()["VmRSS"].split()[0]) * 1024
-
-    def status(self):
-        return self._status()
-
-    def level(self):
-        """(threads, fds) not explained by connections: an accepted one holds
-        a thread and an fd, an outgoing keep-alive one (sos-server to
-        blob-servers, kept in its pool whatever its state) an fd, a leaf
-        directory in a blob-server's cache (at most blobstore.LEAF_FDS) an fd.  Invariant
-        I6 is that this returns to where it was once the clients are gone."""
-        sockets = set()
-        leaves = 0
-        for fd in os.listdir("/proc/%d/fd" % self.pid):
-            try:
-                link = os.readlink("/proc/%d/fd/%s" % (self.pid, fd))
-            except OSError:
-                continue
-            if link.startswith("socket:["):
-                sockets.add(link[8:-1])
-            elif re.search(r"/[^/]{2}/[^/]{2}$", link):
-                leaves += 1      # a leaf directory blob.py keeps open, bounded
-        listening, connected = set(), []
-        for table in ("/proc/%d/net/tcp" % self.pid, "/proc/%d/net/tcp6" % self.pid):
-            try:
-                with open(table) as f:
-                    rows = [line.split() for line in f.readlines()[1:]]
-            except FileNotFoundError:
-                continue
-            for row in rows:
-                if row[9] not in sockets:
-                    continue
-                port = int(row[1].rsplit(":", 1)[1], 16)
-                if row[3] == "0A":
-                    listening.add(port)
-                else:
-                    connected.append(port)
-        incoming = sum(1 for port in connected if port in listening)
-        return self.threads() - incoming, self.fds() - len(connected) - leaves
-
-    def settled(self, level, timeout=15.0):
-        """Wait until level() is back at (or below) the given one; returns
-        the level last seen."""
-        seen = []
-
-        def back():
-            seen[:] = self.level()
-            return seen[0] <= level[0] and seen[1] <= level[1]
-        try:
-            poll(back, timeout, 0.05)
-        except AssertionError:
+            conn.sock.sendall(data)
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
             pass
-        return tuple(seen)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                resp = conn.reply(deadline=deadline)
+            except AssertionError:
+                out.append(None)      # bytes that are not an HTTP response
+                break
+            if resp is None:
+                break
+            out.append(resp)
+    return out
 
 
-class BlobServer(Program, BlobProcess):
-    """blob.py serving a store (support.BlobProcess), its stderr logged to
-    store.log unless log_path says where."""
-
-    def __init__(self, store, *args, log_path=None, **kwargs):
-        # One process (support.BlobProcess): the faults are aimed at (and
-        # strace, /proc and kill -9 watch) the pid we started.
-        super().__init__(store, *args, log_path=log_path or str(store) + ".log",
-                         **kwargs)
-
-    def post(self, blob_id, body, headers=None, timeout=30):
-        return request(self.url + "/blob/" + blob_id, "POST", body, headers, timeout)
-
-    def get(self, blob_id, timeout=30):
-        return request(self.url + "/blob/" + blob_id, timeout=timeout)
-
-    def ids(self):
-        status, ids = request_json(self.url + "/blobs")
-        assert status == 200, status
-        return ids
-
-    def tmp_files(self):
-        try:
-            return os.listdir(os.path.join(self.store, ".tmp"))
-        except FileNotFoundError:
-            return []
-
-    def quarantined(self):
-        try:
-            return os.listdir(os.path.join(self.store, ".quarantine"))
-        except FileNotFoundError:
-            return []
+def judge(resps):
+    """What is wrong with a server's responses: [str]."""
+    bad = []
+    for resp in resps:
+        if resp is None:
+            bad.append("garbage sent back")
+            continue
+        if resp.status >= 500 and resp.status not in NOT_A_FAILURE:
+            bad.append("status %d" % resp.status)
+        lines = resp.head.split(b"\r\n")
+        if not STATUS_LINE.fullmatch(lines[0]):
+            bad.append("status line %r" % lines[0])
+        bad += ["header line %r" % line for line in lines[1:] if not HEADER_LINE.fullmatch(line)]
+    return bad
 
 
-class SosServer(Program):
-    """sos.py in front of groups of blob-servers: groups is [(name, [url])]."""
+# --- Uploads cut short (rows 4-6) -----------------------------------------------------
 
-    def __init__(self, groups, workdir, *args, env=None, prefix=(), host="127.0.0.1"):
-        os.makedirs(workdir, exist_ok=True)
-        self.config = os.path.join(workdir, "sos.conf")
-        with open(self.config, "w") as f:
-            for name, members in groups:
-                f.write("[%s]\n" % name)
-                f.writelines("- : %s\n" % m for m in members)
-        self.groups = groups
-        self.host = host
-        super().__init__(
-            list(prefix) + [PYTHON, os.path.join(ROOT, "sos.py"), "--config", self.config,
-                            "--api-host", host, "--upload-port", "0", "--download-port", "0",
-                            "--admin-port", "0", "--workers", "1"] + list(args),
-            os.path.join(workdir, "sos.log"), env)
-        self.start()
-
-    def start(self):
-        self.spawn()
-        ports = {}
-        while len(ports) < 3:
-            line = self.read_line()
-            if not line:
-                raise AssertionError("sos-server did not start:\n%s" % self.log()[-2000:])
-            m = re.match(r"(upload|download|admin) service\s+https?://[\d.]+:(\d+)/", line)
-            if m:
-                ports[m.group(1)] = int(m.group(2))
-        self.ports = ports
-        self.up = "http://%s:%d" % (self.host, ports["upload"])
-        self.down = "http://%s:%d" % (self.host, ports["download"])
-        self.admin = "http://127.0.0.1:%d" % ports["admin"]
-        return self
-
-    def upload(self, body, headers=None, timeout=60):
-        """POST /upload on a new connection: (status, JSON reply)."""
-        return request_json(self.up + "/upload", "POST", body, headers, timeout)
-
-    def fetch(self, blob_id, method="GET", headers=None, timeout=60):
-        return request(self.down + "/fetch/" + blob_id, method, None, headers, timeout)
+def upload_bytes(path, body, headers=()):
+    head = "POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n" % (path, len(body))
+    head += "".join("%s: %s\r\n" % h for h in headers)
+    return head.encode() + b"\r\n" + body
 
 
-def replicate(urls_or_config, *args, timeout=120, env=None):
-    """Run replicate.py to the end: (exit status, stdout, stderr)."""
-    where = (["--config", urls_or_config] if os.path.exists(str(urls_or_config))
-             else ["-blob-server", ",".join(urls_or_config)])
-    proc = subprocess.run([PYTHON, os.path.join(ROOT, "replicate.py")] + where
-                          + list(args), capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)
-    return proc.returncode, proc.stdout, proc.stderr
+def check_store(srv, acknowledged, attempted, verified=None):
+    """Count I1/I2 violations of a (restarted) blob-server.
+
+    acknowledged: {id: body} answered 200; attempted: {id: body} of every
+    upload begun; verified: ids already fetched and found whole, which are
+    not fetched again (a blob file is never rewritten in place), and to
+    which the good ones are added.  Returns (violations, lost ids, messages)."""
+    bad = []
+    verified = set() if verified is None else verified
+    listed = srv.ids()
+    for blob_id in listed:
+        if blob_id in verified:
+            continue
+        verified.add(blob_id)
+        status, _, data = srv.get(blob_id)
+        want = attempted.get(blob_id)
+        if blob_id not in attempted:
+            bad.append("%s: listed but never uploaded" % blob_id)
+        elif status != 200:
+            bad.append("%s: listed but %d" % (blob_id, status))
+        elif data != want or (len(blob_id) == 40 and sha1(data) != blob_id):
+            bad.append("%s: %d bytes served, not the %d uploaded" % (blob_id, len(data), len(want)))
+        else:
+            continue
+        verified.discard(blob_id)
+    lost = [i for i in acknowledged if i not in listed]
+    bad += ["%s: acknowledged, then lost" % i for i in lost]
+    if srv.tmp_files():
+        bad.append("temp files after restart: %s" % srv.tmp_files())
+    return len(bad), set(lost), bad
 
 
-def copied(stdout):
-    """The 'copied' column of replicate's summary table, summed."""
-    total = 0
-    lines = stdout.splitlines()
-    for i, line in enumerate(lines):
-        if line.split()[:3] == ["group", "examined", "copied"]:
-            for row in lines[i + 1:]:
-                cells = row.split()
-                if len(cells) == 7 and cells[2].isdigit():
-                    total += int(cells[2])
-    return total
+class Uploader(threading.Thread):
+    """Uploads random bodies over raw sockets in random-sized pieces until
+    stopped or the server dies; records what was begun and acknowledged."""
+
+    def __init__(self, url, rng, attempted, acknowledged, lock, path="/blob/%s"):
+        super().__init__(daemon=True)
+        self.url, self.rng, self.path = url, rng, path
+        self.attempted, self.acknowledged, self.lock = attempted, acknowledged, lock
+        self.stop = threading.Event()
+        self.refused = []                # statuses other than 200 (and 503 from sos)
+
+    def run(self):
+        while not self.stop.is_set():
+            r = self.rng
+            body = r.randbytes(r.choice((0, 1, 1000, 65536, 300000, 2 << 20)))
+            blob_id = sha1(body)
+            with self.lock:
+                self.attempted[blob_id] = body
+            data = upload_bytes(self.path.replace("%s", blob_id), body)
+            try:
+                with socket.create_connection(address(self.url), timeout=10) as sock:
+                    pos = 0
+                    while pos < len(data):
+                        n = r.randrange(1, 200000)
+                        sock.sendall(data[pos:pos + n])
+                        pos += n
+                        if r.random() < 0.3:
+                            time.sleep(r.random() * 0.01)   # uneven pace, as real clients
+                    resp = RawConnection(sock).reply("POST", time.monotonic() + 10)
+            except OSError:
+                return                   # the server died under us
+            if resp is None:
+                return
+            if resp.complete and resp.status == 200:
+                with self.lock:
+                    self.acknowledged[blob_id] = body
+            elif resp.complete and resp.status not in (200, 503):
+                self.refused.append(resp.status)      # (a cut-off 200 is no answer)
 
 
 # --- Store inspection ------------------------------------------------------------
@@ -421,7 +318,7 @@ class Tracer:
         self.pid = pid
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
-        poll(self.attached, 15, 0.005, "strace to attach to %d" % pid)
+        wait_for(self.attached, 15, 0.005, "strace to attach to %d" % pid)
 
     def attached(self):
         """True once every thread of the process is being traced."""
@@ -455,7 +352,7 @@ def strike(srv, syscall, k, request, bad):
     than 200, or a server that neither answers nor dies, goes into bad."""
     tracer = Tracer(srv.pid, "%s:signal=KILL:when=%d" % (syscall, k))
     try:
-        resp = exchange(srv.url, request, 30)
+        resp = raw_exchange(srv.url, request, 30)
     except OSError:
         resp = None
     ok = resp is not None and resp.complete and resp.status == 200

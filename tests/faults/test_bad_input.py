@@ -8,31 +8,14 @@ procs fixture fails a test on one), no response may carry injected header
 lines, and no byte outside the store may be read or written.
 """
 
-import re
-import socket
-import time
-
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, strategies as st
 
-from .kit import SCALE, address, exchange, read_response, request, scaled, sha1
+from support import raw_exchange, request, sha1
+
+from .kit import fuzz_settings, judge, mutated, responses, scaled
 
 MAX_SIZE = 1 << 20
-HEADER_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+: [\x20-\x7e]*")
-STATUS_LINE = re.compile(rb"HTTP/1\.1 [1-5][0-9][0-9] [\x20-\x7e]*")
-# 501 (a Transfer-Encoding we don't do) and 505 (not HTTP/1.x) are answers
-# about the request, not failures of the server; 503 is "try later".
-NOT_A_FAILURE = (501, 503, 505)
-
-
-def fuzz_settings(examples):
-    """CI: a fixed, reproducible set of examples (derandomize); soak and
-    FAULT_SCALE>1 explore more."""
-    return settings(max_examples=examples, deadline=None, database=None,
-                    derandomize=SCALE <= 1, suppress_health_check=list(HealthCheck),
-                    print_blob=True)
-
-
 @pytest.fixture
 def servers(procs):
     """A blob-server with --max-size, and a sos-server with --max-upload in
@@ -109,7 +92,7 @@ def test_requests_past_a_limit_are_refused_with_the_fitting_status_before_any_bo
             # With Expect: 100-continue the body is sent only after a 100;
             # the refusal must come first, so not one body byte is read.
             data = data[:-2] + b"Expect: 100-continue\r\n\r\n"
-        resp = exchange(url, data, timeout=15)
+        resp = raw_exchange(url, data, timeout=15)
         if resp is None:
             bad.append("%s: closed without an answer" % case)
         elif resp.status not in statuses or resp.interim:
@@ -123,82 +106,6 @@ def test_requests_past_a_limit_are_refused_with_the_fitting_status_before_any_bo
 
 
 # --- Row 17: fuzz ------------------------------------------------------------------
-
-VALID = [
-    b"GET /alive HTTP/1.1\r\nHost: t\r\n\r\n",
-    b"GET /blob/%s HTTP/1.1\r\nHost: t\r\nRange: bytes=0-1\r\n\r\n" % sha1(b"hello").encode(),
-    b"HEAD /blob/%s HTTP/1.1\r\nHost: t\r\nIf-None-Match: \"x\"\r\n\r\n" % sha1(b"hello").encode(),
-    b"POST /blob/%s HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nX-Mime-Type: a/b\r\n\r\nhello"
-    % sha1(b"hello").encode(),
-    b"POST /blob/abc HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
-    b"GET /blobs?prefix=a&after=a0&limit=3 HTTP/1.1\r\nHost: t\r\n\r\n",
-    b"POST /verify/%s HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n" % sha1(b"hello").encode(),
-    b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nX-Name: n\r\n\r\nhello",
-    b"GET /fetch/%s.txt HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % sha1(b"hello").encode(),
-    b"GET /stats HTTP/1.0\r\n\r\n",
-]
-NASTY = [b"\r", b"\n", b"\r\n", b"\x00", b" ", b":", b"\t", b"%", b"..", b"/", b"\xff",
-         b"-1", b"99999999999999999999", b"chunked", b"\r\n\r\n", b"HTTP/1.1", b"\x7f"]
-
-
-@st.composite
-def mutated(draw):
-    data = bytearray(draw(st.sampled_from(VALID)))
-    for _ in range(draw(st.integers(1, 4))):
-        at = draw(st.integers(0, len(data)))
-        op = draw(st.sampled_from(["insert", "delete", "replace", "flip", "repeat"]))
-        piece = draw(st.one_of(st.sampled_from(NASTY), st.binary(min_size=1, max_size=8)))
-        if op == "insert":
-            data[at:at] = piece
-        elif op == "delete":
-            del data[at:at + draw(st.integers(1, 16))]
-        elif op == "replace":
-            data[at:at + len(piece)] = piece
-        elif op == "flip" and at < len(data):
-            data[at] ^= 1 << draw(st.integers(0, 7))
-        elif op == "repeat":
-            data[at:at] = data[max(0, at - 32):at]
-    return bytes(data)
-
-
-def responses(url, data, timeout=20):
-    """Send data, half-close, and read every response until the server
-    closes: [Response]."""
-    out = []
-    with socket.create_connection(address(url), timeout=timeout) as sock:
-        try:
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                resp = read_response(sock, deadline)
-            except AssertionError:
-                out.append(None)      # bytes that are not an HTTP response
-                break
-            if resp is None:
-                break
-            out.append(resp)
-    return out
-
-
-def judge(resps):
-    """What is wrong with a server's responses: [str]."""
-    bad = []
-    for resp in resps:
-        if resp is None:
-            bad.append("garbage sent back")
-            continue
-        if resp.status >= 500 and resp.status not in NOT_A_FAILURE:
-            bad.append("status %d" % resp.status)
-        lines = resp.head.split(b"\r\n")
-        if not STATUS_LINE.fullmatch(lines[0]):
-            bad.append("status line %r" % lines[0])
-        bad += ["header line %r" % line for line in lines[1:] if not HEADER_LINE.fullmatch(line)]
-    return bad
-
 
 @pytest.mark.parametrize("target", ["blob", "sos-up", "sos-down"])
 def test_garbage_and_mutated_requests_never_crash_a_server_or_inject_header_lines(
@@ -237,13 +144,13 @@ def test_stored_metadata_never_injects_lines_into_a_response(servers, figures):
         body = b"meta %d" % seen["cases"]
         blob_id = sha1(body)
         data = head("/blob/" + blob_id, b"Content-Length: %d" % len(body), name + b": " + value) + body
-        resp = exchange(blob.url, data)
+        resp = raw_exchange(blob.url, data)
         if resp is None or resp.status not in (200, 400, 431):
             seen["bad"].append((value, resp))
             return
         if resp.status != 200:
             return
-        resp = exchange(blob.url, head("/blob/" + blob_id, method="GET"))
+        resp = raw_exchange(blob.url, head("/blob/" + blob_id, method="GET"))
         problems = judge([resp])
         got = resp.header(name.decode())
         if problems or (got or "").encode("latin-1") != value.strip(b" \t\r"):

@@ -10,7 +10,9 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from .kit import request, scaled, sha1
+from support import request, sha1
+
+from .kit import scaled
 
 
 def test_distinct_uploads_from_many_threads_all_land(procs, figures, rng):

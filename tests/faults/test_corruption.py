@@ -12,7 +12,9 @@ import os
 import socket
 import time
 
-from .kit import address, flip_bit, read_response, replicate, scaled, sha1
+from support import RawConnection, address, flip_bit, replicate_process, sha1
+
+from .kit import scaled
 
 from cluster import rank
 
@@ -66,7 +68,7 @@ def test_a_flipped_bit_is_never_served_as_good_the_replica_serves_it_and_scrub_f
     outcomes = [served_as_good(c, i, blobs[i]) for i in blobs]
     bad = [o for o in outcomes if o != "good"]
 
-    status, out, err = replicate(c.config(), "--scrub", "--scrub-rate", "0")
+    status, out, err = replicate_process(c.config(), "--scrub", "--scrub-rate", "0")
     quarantined = {m.url: sorted(f.split(".")[0] for f in m.quarantined()) for m in c.members}
     expected = {m.url: sorted(i for i, v in flipped.items() if v is m) for m in c.members}
     false_alarms = sum(1 for m in c.members for i in quarantined[m.url] if i not in flipped)
@@ -144,25 +146,9 @@ def test_a_blob_file_truncated_while_being_sent_is_cut_short_by_the_blob_server(
             first = sock.recv(65536)
             with open(srv.path(blob_id), "r+b") as f:
                 f.truncate(1 << 20)
-            resp = read_response(_Replay(first, sock), time.monotonic() + 60)
+            resp = RawConnection(sock, buffered=first).reply("GET", time.monotonic() + 60)
         complete_wrong += bool(resp and resp.complete and resp.status == 200
                                and resp.body != body)
     figures.add(9, trials, complete_wrong, seed=rng.seed_value,
                 note="truncated mid-transfer: %d/%d cut" % (trials - complete_wrong, trials))
     assert complete_wrong == 0
-
-
-class _Replay:
-    """A socket whose first recv returns bytes already read."""
-
-    def __init__(self, first, sock):
-        self.first, self.sock = first, sock
-
-    def settimeout(self, t):
-        self.sock.settimeout(t)
-
-    def recv(self, n):
-        if self.first:
-            data, self.first = self.first, b""
-            return data
-        return self.sock.recv(n)

@@ -8,7 +8,6 @@ acknowledged must still be there (I2), and no temp file may survive (I6).
 
 import os
 import random
-import socket
 import threading
 import time
 
@@ -16,89 +15,13 @@ import pytest
 
 import blobstore
 
-from .kit import Tracer, kill_at_every_call, poll, read_response, scaled, sha1, strike
+from support import sha1, wait_for
 
-
-def upload_bytes(path, body, headers=()):
-    head = "POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n" % (path, len(body))
-    head += "".join("%s: %s\r\n" % h for h in headers)
-    return head.encode() + b"\r\n" + body
-
-
-def check_store(srv, acknowledged, attempted, verified=None):
-    """Count I1/I2 violations of a (restarted) blob-server.
-
-    acknowledged: {id: body} answered 200; attempted: {id: body} of every
-    upload begun; verified: ids already fetched and found whole, which are
-    not fetched again (a blob file is never rewritten in place), and to
-    which the good ones are added.  Returns (violations, lost ids, messages)."""
-    bad = []
-    verified = set() if verified is None else verified
-    listed = srv.ids()
-    for blob_id in listed:
-        if blob_id in verified:
-            continue
-        verified.add(blob_id)
-        status, _, data = srv.get(blob_id)
-        want = attempted.get(blob_id)
-        if blob_id not in attempted:
-            bad.append("%s: listed but never uploaded" % blob_id)
-        elif status != 200:
-            bad.append("%s: listed but %d" % (blob_id, status))
-        elif data != want or (len(blob_id) == 40 and sha1(data) != blob_id):
-            bad.append("%s: %d bytes served, not the %d uploaded" % (blob_id, len(data), len(want)))
-        else:
-            continue
-        verified.discard(blob_id)
-    lost = [i for i in acknowledged if i not in listed]
-    bad += ["%s: acknowledged, then lost" % i for i in lost]
-    if srv.tmp_files():
-        bad.append("temp files after restart: %s" % srv.tmp_files())
-    return len(bad), set(lost), bad
+from .kit import (Tracer, Uploader, check_store, kill_at_every_call, scaled, strike,
+                  upload_bytes)
 
 
 # --- Row 4: kill -9 at a random moment of concurrent uploads -----------------------
-
-class Uploader(threading.Thread):
-    """Uploads random bodies over raw sockets in random-sized pieces until
-    stopped or the server dies; records what was begun and acknowledged."""
-
-    def __init__(self, url, rng, attempted, acknowledged, lock, path="/blob/%s"):
-        super().__init__(daemon=True)
-        self.url, self.rng, self.path = url, rng, path
-        self.attempted, self.acknowledged, self.lock = attempted, acknowledged, lock
-        self.stop = threading.Event()
-        self.refused = []                # statuses other than 200 (and 503 from sos)
-
-    def run(self):
-        host, port = self.url.split("//")[1].rsplit(":", 1)
-        while not self.stop.is_set():
-            r = self.rng
-            body = r.randbytes(r.choice((0, 1, 1000, 65536, 300000, 2 << 20)))
-            blob_id = sha1(body)
-            with self.lock:
-                self.attempted[blob_id] = body
-            data = upload_bytes(self.path.replace("%s", blob_id), body)
-            try:
-                with socket.create_connection((host, int(port)), timeout=10) as sock:
-                    pos = 0
-                    while pos < len(data):
-                        n = r.randrange(1, 200000)
-                        sock.sendall(data[pos:pos + n])
-                        pos += n
-                        if r.random() < 0.3:
-                            time.sleep(r.random() * 0.01)   # uneven pace, as real clients
-                    resp = read_response(sock, time.monotonic() + 10)
-            except OSError:
-                return                   # the server died under us
-            if resp is None:
-                return
-            if resp.complete and resp.status == 200:
-                with self.lock:
-                    self.acknowledged[blob_id] = body
-            elif resp.complete and resp.status not in (200, 503):
-                self.refused.append(resp.status)      # (a cut-off 200 is no answer)
-
 
 def test_kill_9_mid_upload_loses_no_acknowledged_blob_and_leaves_no_partial_one(
         procs, figures, rng):
@@ -159,7 +82,7 @@ def test_kill_9_of_sos_server_mid_upload_leaves_blob_servers_clean(procs, figure
             # The sos-server's connections die with it: each blob-server must
             # drop its half-written temp files and handler threads.
             try:
-                poll(lambda: not m.tmp_files(), 15, what="temp files to go")
+                wait_for(lambda: not m.tmp_files(), 15, what="temp files to go")
             except AssertionError:
                 bad.append("trial %d: %s kept temp files %s" % (trial, m.url, m.tmp_files()))
             now = m.settled(level)

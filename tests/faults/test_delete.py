@@ -26,8 +26,9 @@ import time
 import pytest
 
 from . import kit
-from .kit import (copied, exchange, poll, replicate, request_json, scaled,
-                  sha1)
+from support import get_json, raw_exchange, replicate_process, sha1, summary_total, wait_for
+
+from .kit import scaled
 
 TOKEN = "fault-suite-delete-token"
 
@@ -55,7 +56,7 @@ def token_file(tmp_path):
 
 def delete(sos, blob_id, timeout=60):
     """DELETE /fetch/<id> on a sos-server's upload port: (status, JSON reply)."""
-    return request_json(sos.up + "/fetch/" + blob_id, "DELETE", None,
+    return get_json(sos.up + "/fetch/" + blob_id, "DELETE", None,
                         {"Authorization": "Bearer " + TOKEN}, timeout)
 
 
@@ -68,21 +69,9 @@ def blob_delete_bytes(blob_id, timestamp=None):
 
 def states(member):
     """{id: (kind, timestamp)} of every blob and tombstone a blob-server lists."""
-    status, rows = request_json(member.url + "/blobs?state=1")
+    status, rows = get_json(member.url + "/blobs?state=1")
     assert status == 200, status
     return {blob_id: (kind, ts) for blob_id, ts, kind in rows}
-
-
-def column(stdout, name):
-    """A column of replicate's summary table, summed over the groups."""
-    lines = stdout.splitlines()
-    for i, line in enumerate(lines):
-        head = line.split()
-        if head[:1] == ["group"] and name in head:
-            k = head.index(name)
-            return sum(int(cells[k]) for cells in map(str.split, lines[i + 1:])
-                       if len(cells) == len(head) and cells[k].isdigit())
-    raise AssertionError("no %r column in replicate's summary:\n%s" % (name, stdout))
 
 
 def leaf_debris(store):
@@ -144,10 +133,10 @@ def test_a_member_away_during_deletes_gets_them_from_replicate_and_none_comes_ba
                        % (blob_id, away.url, status, reply))
     # Back with its stale copies; until replicate runs it may serve them.
     away.start()
-    status, out, err = replicate(c.config())
+    status, out, err = replicate_process(c.config())
     if status != 0:
         bad.append("replicate exited %d: %s" % (status, err[-1000:]))
-    propagated = column(out, "deleted")
+    propagated = summary_total(out, "deleted")
     resurrected = []
     for blob_id in blobs:
         where = ["%s %s" % (m.url, served(m, blob_id)) for m in c.members
@@ -162,10 +151,10 @@ def test_a_member_away_during_deletes_gets_them_from_replicate_and_none_comes_ba
             if seen != {"tombstone"}:
                 bad.append("%s: group %s members hold %s after replicate"
                            % (blob_id, g, sorted(seen)))
-    status, out, err = replicate(c.config())
-    if status != 0 or copied(out) or column(out, "deleted"):
+    status, out, err = replicate_process(c.config())
+    if status != 0 or summary_total(out, "copied") or summary_total(out, "deleted"):
         bad.append("a second replicate exited %d, copied %d, deleted %d"
-                   % (status, copied(out), column(out, "deleted")))
+                   % (status, summary_total(out, "copied"), summary_total(out, "deleted")))
     # The client may repeat the DELETE until it gets 200: now it does.
     for blob_id in blobs:
         status, reply = delete(c.sos, blob_id)
@@ -207,7 +196,7 @@ def test_a_re_upload_after_a_delete_survives_a_member_away_and_replicate(
             if status != 200:
                 bad.append("%s: re-upload with %s away: %d %s" % (blob_id, away.url, status, reply))
         away.start()
-        status, out, err = replicate(c.config())
+        status, out, err = replicate_process(c.config())
         if status != 0:
             bad.append("replicate exited %d: %s" % (status, err[-1000:]))
         kinds = {m.url: states(m) for m in c.members}
@@ -343,7 +332,7 @@ def test_uploads_and_deletes_racing_from_two_sos_servers_with_member_kills_conve
     known = disagree = 0
     for r in range(rounds):
         race.run(members, kills)
-        status, out, err = replicate(fronts[0].config)
+        status, out, err = replicate_process(fronts[0].config)
         if status != 0:
             bad.append("round %d: replicate exited %d: %s" % (r, status, err[-1000:]))
         # D3: one state per id in each group; blobs whole; no debris.
@@ -361,7 +350,7 @@ def test_uploads_and_deletes_racing_from_two_sos_servers_with_member_kills_conve
             bad += ["round %d: %s lists %s, never uploaded" % (r, m.url, i)
                     for i in kinds[m.url] if i not in race.bodies]
             try:
-                poll(lambda: not m.tmp_files(), 15, what="temp files to go")
+                wait_for(lambda: not m.tmp_files(), 15, what="temp files to go")
             except AssertionError:
                 bad.append("round %d: %s kept temp files %s" % (r, m.url, m.tmp_files()))
         # D1, D2: where the newest write is known, both sos-servers show it.
@@ -448,7 +437,7 @@ def test_kill_9_mid_delete_never_undoes_an_acknowledged_delete_nor_tears_a_blob(
                 attempted.add(blob_id)
                 stamp = time.time_ns() if r.random() < 0.5 else None
                 try:
-                    resp = exchange(srv.url, blob_delete_bytes(blob_id, stamp), 10)
+                    resp = raw_exchange(srv.url, blob_delete_bytes(blob_id, stamp), 10)
                 except OSError:
                     return                   # the server died under us
                 if resp is None or not resp.complete:
@@ -481,7 +470,7 @@ def test_kill_9_mid_delete_never_undoes_an_acknowledged_delete_nor_tears_a_blob(
         counts["interrupted"] += len(attempted - acknowledged)
         # The next trial starts from an empty store.
         for blob_id in uploaded:
-            status, _ = request_json(srv.url + "/blob/" + blob_id, "DELETE")
+            status, _ = get_json(srv.url + "/blob/" + blob_id, "DELETE")
             assert status == 200
     undone = [b for b in bad if "acknowledged, then" in b]
     figures.add(25, trials, len(bad), len(undone), rng.seed_value,

@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from .kit import mount_ext4, mount_tmpfs, poll, scaled, sha1, umount
+from support import sha1, wait_for
+
+from .kit import mount_ext4, mount_tmpfs, scaled, umount
 
 import blobstore
 from cluster import Group, placement
@@ -98,7 +100,7 @@ def test_a_full_disk_is_507_the_server_lives_and_takes_uploads_once_space_is_fre
     def stored():
         return srv.post(sha1(body), body)[0] == 200
     try:
-        poll(stored, 1.0, 0.05, "an upload to succeed after space was freed")
+        wait_for(stored, 1.0, 0.05, "an upload to succeed after space was freed")
     except AssertionError as e:
         bad.append(str(e))
     after = time.monotonic() - freed

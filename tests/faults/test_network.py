@@ -14,8 +14,9 @@ import subprocess
 
 import pytest
 
-from .kit import (CONNECT_TIMEOUT, MIN_RATE, PYTHON, RATE_GRACE, ROOT, require_tool,
-                  scaled, stored)
+from support import PYTHON, ROOT
+
+from .kit import CONNECT_TIMEOUT, MIN_RATE, RATE_GRACE, require_tool, scaled, stored
 
 NETCLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "netclient.py")
 

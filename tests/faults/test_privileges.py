@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from .kit import PYTHON, ROOT
+from support import PYTHON, ROOT
 
 NOBODY = 65534
 

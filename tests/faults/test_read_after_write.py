@@ -9,8 +9,9 @@ import time
 
 from hypothesis import given, strategies as st
 
-from .kit import address, read_response, request, scaled, sha1
-from .test_bad_input import fuzz_settings
+from support import RawConnection, address, request, sha1
+
+from .kit import fuzz_settings, scaled
 
 
 def test_every_acknowledged_upload_is_fetchable_at_once_on_a_new_connection(
@@ -92,7 +93,7 @@ def test_a_slow_large_upload_is_never_visible_in_part(procs, figures, rng):
         for at in range(0, len(body), 256 << 10):        # ~8 MiB/s, well above MIN_RATE
             sock.sendall(body[at:at + (256 << 10)])
             time.sleep(0.03)
-        resp = read_response(sock, time.monotonic() + 60)
+        resp = RawConnection(sock).reply("POST", time.monotonic() + 60)
     done.set()
     for t in pollers:
         t.join()

@@ -8,7 +8,9 @@ import signal
 import subprocess
 import time
 
-from .kit import PYTHON, ROOT, copied, flip_bit, poll, replicate, scaled, sha1
+from support import PYTHON, ROOT, flip_bit, replicate_process, sha1, summary_total, wait_for
+
+from .kit import scaled
 
 
 def load(member, rng, count):
@@ -37,18 +39,18 @@ def test_replicate_killed_at_a_random_moment_converges_on_the_next_run(
         time.sleep(rng.uniform(0.02, 0.4))         # the fault's random moment
         run.send_signal(signal.SIGKILL)
         killed += run.wait() == -signal.SIGKILL
-        status, out, err = replicate([a.url, b.url])
+        status, out, err = replicate_process([a.url, b.url])
         if status != 0:
             bad.append("trial %d: rerun exited %d: %s" % (trial, status, err[-500:]))
         missing = [i for i in blobs if not os.path.exists(b.path(i))]
         if missing:
             bad.append("trial %d: %d blobs still missing on b" % (trial, len(missing)))
-        status, out, err = replicate([a.url, b.url])
-        if status != 0 or copied(out) != 0:
+        status, out, err = replicate_process([a.url, b.url])
+        if status != 0 or summary_total(out, "copied") != 0:
             bad.append("trial %d: a further run exited %d and copied %d"
-                       % (trial, status, copied(out)))
+                       % (trial, status, summary_total(out, "copied")))
         try:
-            poll(lambda: not b.tmp_files(), 10, what="b's temp files to go")
+            wait_for(lambda: not b.tmp_files(), 10, what="b's temp files to go")
         except AssertionError as e:
             bad.append("trial %d: %s" % (trial, e))
     corrupt = [i for i in b.ids() if sha1(b.get(i)[2]) != i]
@@ -66,7 +68,7 @@ def test_replicate_never_copies_a_corrupt_source_and_reports_every_one(
     rotten = load(a, rng, n)
     for i, (blob_id, body) in enumerate(rotten.items()):
         flip_bit(a.path(blob_id), (0, len(body) - 1, rng.randrange(len(body)))[i % 3])
-    status, out, err = replicate([a.url, b.url])
+    status, out, err = replicate_process([a.url, b.url])
     spread = [i for i in rotten if os.path.exists(b.path(i))]
     reported = sum(1 for line in err.splitlines() if "CORRUPT copy of" in line)
     good_copied = all(b.get(i)[2] == body for i, body in good.items())

@@ -19,9 +19,9 @@ import time
 
 import pytest
 
-from .conftest import Processes
-from .kit import (HEAD_TIMEOUT, IDLE_TIMEOUT, RATE_GRACE, REAPER_PERIOD, StallMeter,
-                  address, scaled, sha1)
+from support import Processes, address, sha1
+
+from .kit import HEAD_TIMEOUT, IDLE_TIMEOUT, RATE_GRACE, REAPER_PERIOD, StallMeter, scaled
 
 SLOWLORIS = scaled(200)
 SHORT_BODIES = scaled(200)

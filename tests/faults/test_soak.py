@@ -21,9 +21,10 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.errors import NonInteractiveExampleWarning
 
-from .kit import SOAK_MINUTES, flip_bit, mount_ext4, replicate, sha1, stored, umount
-from .test_bad_input import judge, mutated, responses
-from .test_crash import Uploader, check_store
+from support import flip_bit, replicate_process, sha1
+
+from .kit import (SOAK_MINUTES, Uploader, check_store, judge, mount_ext4, mutated, responses,
+                  stored, umount)
 
 pytestmark = pytest.mark.soak
 
@@ -142,7 +143,7 @@ def _chaos(procs, figures, rng, disk, end):
     heal(all_=True)
     if os.path.exists(ballast):
         os.unlink(ballast)
-    status, out, err = replicate(sos.config, "--scrub", "--scrub-rate", "0", timeout=1800)
+    status, out, err = replicate_process(sos.config, "--scrub", "--scrub-rate", "0", timeout=1800)
     lost = corrupt = unsynced = 0
     for name, ms in groups.items():
         ids = [set(stored(m.store)) for m in ms]

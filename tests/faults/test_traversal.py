@@ -17,8 +17,9 @@ from urllib.parse import quote
 import pytest
 from hypothesis import given, strategies as st
 
-from .kit import exchange, request, require_tool, scaled, sha1
-from .test_bad_input import fuzz_settings
+from support import raw_exchange, request, sha1
+
+from .kit import fuzz_settings, require_tool, scaled
 
 SECRET = b"SECRET-outside-the-store-" + os.urandom(8).hex().encode()
 NOBODY = 65534
@@ -100,7 +101,7 @@ def attempts(srv, name, sos=None):
             body = SECRET[:5] if method == b"POST" else b""
             data = (method + b" " + target.replace(b" ", b"%20") + b" HTTP/1.1\r\nHost: t\r\n"
                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
-            yield "%s %r" % (method.decode(), target), exchange(srv.url, data)
+            yield "%s %r" % (method.decode(), target), raw_exchange(srv.url, data)
 
 
 def leaks(resp):
