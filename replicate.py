@@ -616,6 +616,15 @@ def parser():
 
 
 def main(argv=None):
+    try:
+        return run(argv)
+    except BrokenPipeError:
+        # `replicate --dry-run | head`: the reader has all it wanted.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def run(argv):
     flags = parser()
     args = flags.parse_args(argv)
     setup_logging(args.verbose, serving=False)
