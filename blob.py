@@ -12,7 +12,9 @@ api-server and replicate work against this server unchanged:
                               200 {"id", "status": "OK", "size"}; 400 bad id,
                               411 no length, 413 too large, 422 body does not
                               hash to a content id, 431 too much metadata,
-                              507 disk full
+                              507 disk full.  With X-Sos-Manifest: SIZE the
+                              body is a chunked object's manifest (README:
+                              Large objects), checked by its rules (400)
     GET  /blob/<id>           the bytes (sendfile), with ETag, Range, 304,
                               the X-* headers sent with the upload and
                               X-Sos-Timestamp; 404 if missing or deleted
@@ -29,7 +31,8 @@ api-server and replicate work against this server unchanged:
     clock: 400 otherwise.)
     GET  /blobs               JSON array of every id, streamed; sorted, with
                               ?after=ID&limit=N paging and ?prefix=P;
-                              ?state=1: [id, timestamp, "blob"|"tombstone"]
+                              ?state=1: [id, timestamp, "blob"|"tombstone"];
+                              ?manifests=1: [id, timestamp] of manifests
     GET  /stats               JSON: blobs, bytes, tombstones, disk free, total
     GET  /digests             JSON {bucket: digest} of the ids per two-letter
                               bucket, so replicate lists only what differs
@@ -62,8 +65,8 @@ from http import HTTPStatus
 
 from blobstore import (QUARANTINE_DIR, TMP_DIR, BlobStore, NoSpace,
                        Tampered, TooLarge)
-from rules import (VERSION, FilePart, Missing, blob_headers, blob_metadata,
-                   http_range, valid_id)
+from rules import (MAX_MANIFEST, VERSION, BadManifest, FilePart, Manifest,
+                   Missing, blob_headers, blob_metadata, http_range, valid_id)
 from metrics import Metrics
 from httpd import HTTPError, Handler, Server
 from process import (ArgumentParser, add_server_args, parse_size, read_token,
@@ -94,7 +97,8 @@ class BlobHandler(Handler):
     exceptions = {**Handler.exceptions,
                   NoSpace: (HTTPStatus.INSUFFICIENT_STORAGE, None),
                   TooLarge: (HTTPStatus.REQUEST_ENTITY_TOO_LARGE, None),
-                  Tampered: (HTTPStatus.INTERNAL_SERVER_ERROR, None)}
+                  Tampered: (HTTPStatus.INTERNAL_SERVER_ERROR, None),
+                  BadManifest: (HTTPStatus.BAD_REQUEST, None)}
 
     def do_alive(self):
         self.send_text(HTTPStatus.OK, "alive")
@@ -129,10 +133,29 @@ class BlobHandler(Handler):
     def do_post(self):
         length = self.body_length()
         meta = blob_metadata(self.header_list)
-        size, stored = self.server.store.put(self.rest, self.body(length), meta,
-                                             length, self.timestamp())
+        manifest = self.headers.get("x-sos-manifest")
+        body = self.body(length)
+        if manifest is not None:
+            body = [self.manifest(body, length, manifest)]
+            manifest = int(manifest)
+        size, stored = self.server.store.put(self.rest, body, meta, length,
+                                             self.timestamp(), manifest)
         self.send_json(HTTPStatus.OK, {"id": self.rest, "size": size,
                                        "status": "OK" if stored else "superseded"})
+
+    def manifest(self, body, length, size):
+        """X-Sos-Manifest: SIZE says the body is the manifest of a chunked
+        object of SIZE bytes: checked by its rules here, as the content
+        check can't apply.  Returns its bytes."""
+        if length is None or length > MAX_MANIFEST:
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "a manifest "
+                            "needs a Content-Length of at most %d" % MAX_MANIFEST)
+        data = b"".join(body)
+        if not (size.isascii() and size.isdigit()) or \
+                Manifest.decode(data, self.rest).size != int(size):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "X-Sos-Manifest: the "
+                            "object's size, as its manifest says")
+        return data
 
     def do_delete(self):
         moved = self.params().get("moved")
@@ -183,7 +206,9 @@ class BlobHandler(Handler):
         # Streamed: the listing holds whatever the store holds, in constant
         # memory, and is still one JSON array for the Go original's replicate.
         # ?state=1 is for ours: tombstones too, with every write's time.
-        if p.get("state"):
+        if p.get("manifests"):          # [id, timestamp] of live manifests
+            items = ('["%s",%d]' % e for e in self.server.store.manifests(after, limit))
+        elif p.get("state"):
             items = ('["%s",%d,"%s"]' % e for e in self.server.store.entries(
                 after, prefix, limit, tombstones=True))
         else:

@@ -38,9 +38,9 @@ import time
 import types
 
 from diskio import DirectWriter, LeafCache, write_all
-from rules import (CHUNK, MAX_META_BYTES, Corrupt, InvalidId, Missing,
-                   blob_metadata, compatible, content_hash, hash_update, shard,
-                   valid_id)
+from rules import (CHUNK, MAX_MANIFEST, MAX_META_BYTES, BadManifest, Corrupt, InvalidId,
+                   Manifest, Missing, blob_metadata, compatible, content_hash,
+                   content_id, hash_update, shard, valid_id)
 
 TMP_DIR = ".tmp"
 QUARANTINE_DIR = ".quarantine"
@@ -51,6 +51,7 @@ LEAF_FDS = 4096           # leaf directories kept open for reads
 META_CACHE = 8192         # blobs whose metadata (or its absence) is remembered
 NO_META = types.MappingProxyType({})   # no metadata, shared, read-only
 TOMBSTONE = ".deleted"    # <id>.deleted: the id was deleted at the file's mtime
+MANIFEST = "X-Sos-Manifest"   # in a sidecar: the blob is a manifest of this size
 
 log = logging.getLogger("blobstore")
 
@@ -279,10 +280,15 @@ class BlobStore:
         with os.fdopen(fd, "rb") as f:
             try:
                 meta = json.loads(f.read(MAX_META_BYTES * 2))
-                return blob_metadata(meta.items())
+                manifest = meta.get(MANIFEST)
+                meta = blob_metadata(meta.items())
             except (ValueError, AttributeError):
                 log.warning("ignoring unreadable metadata of %s", blob_id)
                 return {}
+        # Ours, not an uploader's: blob_metadata leaves X-Sos-* out.
+        if isinstance(manifest, str) and manifest.isdigit():
+            meta[MANIFEST] = manifest
+        return meta
 
     def exists(self, blob_id):
         try:
@@ -356,9 +362,16 @@ class BlobStore:
         os.close(fd)
         return name, size
 
-    def put(self, blob_id, chunks, meta=None, length=None, timestamp=None):
+    def put(self, blob_id, chunks, meta=None, length=None, timestamp=None,
+            manifest=None):
         """Store the bytes of `chunks` under blob_id, durably, as written at
         `timestamp` (ns since the epoch; default now).  Returns (size, stored).
+
+        With manifest (the object's size), the bytes are a manifest of the
+        object blob_id (checked by the caller: Manifest.decode), stored
+        without the content check, which can't apply; the id's existing
+        copy, a manifest or the whole bytes, stays (both are the object).
+        A verified upload of the whole bytes keeps an existing manifest too.
 
         Raises InvalidId, Corrupt (bytes don't hash to a content id), NoSpace,
         TooLarge.  Nothing is visible until everything is on disk.  A content
@@ -375,11 +388,13 @@ class BlobStore:
         self.check_space(length or 0)
         ts = time.time_ns() if timestamp is None else timestamp
         ctor = content_hash(blob_id)
-        hasher = ctor() if ctor else None
+        hasher = ctor() if ctor and manifest is None else None
+        if manifest is not None:
+            meta = dict(meta or {}, **{MANIFEST: str(manifest)})
         with no_space():
             tmp, size = self._write_temp(chunks, hasher, ts, length)
         try:
-            if hasher and hasher.hexdigest() != blob_id:
+            if hasher and hasher.hexdigest() != content_id(blob_id):
                 raise Corrupt("body does not hash to %s" % blob_id)
             with no_space(), self._leaf(blob_id, create=True, lock=True) as leaf:
                 old, tomb = self._settle(leaf, blob_id)
@@ -391,7 +406,9 @@ class BlobStore:
                     # that the next upload of this id adopts: still one writer's.
                     mtmp, _ = self._write_temp([json.dumps(meta).encode()])
                     self._link(mtmp, leaf, blob_id + ".json")
-                if hasher or not old:
+                keep = old and (not hasher or self._metadata_in(leaf, blob_id)
+                                .get(MANIFEST))
+                if not keep:
                     if old and old.st_mtime_ns > ts:
                         self._touch(self.tmp_fd, tmp, old.st_mtime_ns)
                     # The leaf is locked: nothing else may change blob_id.
@@ -550,17 +567,25 @@ class BlobStore:
     # Verification.
 
     def verify(self, blob_id):
-        """Re-hash a blob.  Returns True (good), False (quarantined), None
-        (not a content id, nothing to check).  Raises Missing."""
+        """Re-hash a blob (a manifest: check it by its own rules).  Returns
+        True (good), False (quarantined), None (not a content id, nothing to
+        check).  Raises Missing."""
         f, _ = self.open(blob_id)
         with f:
             ctor = content_hash(blob_id)
             if not ctor:
                 return None
+            if self.metadata(blob_id).get(MANIFEST):
+                try:
+                    Manifest.decode(f.read(MAX_MANIFEST + 1), blob_id)
+                    return True
+                except BadManifest:
+                    self.quarantine(blob_id)
+                    return False
             h = ctor()
             while chunk := f.read(CHUNK):
                 h.update(chunk)
-        if h.hexdigest() == blob_id:
+        if h.hexdigest() == content_id(blob_id):
             return True
         self.quarantine(blob_id)
         return False
@@ -670,6 +695,36 @@ class BlobStore:
                     limit -= 1
                     if limit <= 0:
                         return
+
+    def manifests(self, after=None, limit=None):
+        """Yield (id, timestamp) of the manifests (live ones: no newer
+        tombstone), in ascending id order, > after.  Only ids with a sidecar
+        are read, found by one scan of each leaf."""
+        start = shard(after) if after else None
+        for d1, d2 in self.leaves(lambda d1: not start or d1 >= start[0]):
+            if start and (d1, d2) < start:
+                continue
+            try:
+                fd1 = self._open_dir(self.root_fd, d1)
+                try:
+                    fd = self._open_dir(fd1, d2)
+                finally:
+                    os.close(fd1)
+            except OSError:
+                continue
+            try:
+                sidecars = {n[:-5] for n in os.listdir(fd) if n.endswith(".json")}
+                for blob_id, kind, _, ts, _ in self._leaf_entries(d1, d2, True):
+                    if kind == "blob" and blob_id in sidecars and \
+                            (not after or blob_id > after) and \
+                            self._metadata_in(fd, blob_id).get(MANIFEST):
+                        yield blob_id, ts
+                        if limit is not None:
+                            limit -= 1
+                            if limit <= 0:
+                                return
+            finally:
+                os.close(fd)
 
     def ids(self, after=None, prefix="", limit=None):
         """Yield the ids of blobs in ascending order, > after, with prefix."""

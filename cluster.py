@@ -7,6 +7,7 @@ Knows nothing of the sos-server's own HTTP; talks to blob-servers through
 upstream.Pool.
 """
 
+import collections
 import hashlib
 import http.client
 import json
@@ -21,8 +22,9 @@ from concurrent.futures import ThreadPoolExecutor, FIRST_COMPLETED, wait
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
-from rules import (CHUNK, VERSION, Corrupt, FilePart, InvalidId, Missing,
-                   blob_metadata, content_hash, hash_update, valid_id)
+from rules import (CHUNK, VERSION, BadManifest, Corrupt, FilePart, InvalidId,
+                   Manifest, Missing, blob_metadata, content_hash, content_id,
+                   hash_update, valid_id)
 from upstream import Pool
 
 CONFIG_FILES = ("/etc/sos.conf", "~/.sos.conf")
@@ -35,6 +37,8 @@ INLINE_UPLOAD = 8 * 1024
 BIG_CHUNK = 1 << 20       # a large verified fetch is relayed in these...
 PIPELINE = 4              # ...with this many received ahead of the sending
 ORDER_CACHE = 65536       # ids whose placement order is remembered
+CHUNKS_AHEAD = 3          # chunks of an object sent or fetched at once
+MANIFEST = "X-Sos-Manifest"   # a blob-server's reply: the body is a manifest
 
 log = logging.getLogger("cluster")
 
@@ -209,6 +213,11 @@ class Cluster:
         self.executor = ThreadPoolExecutor(
             max_workers=64, thread_name_prefix="upstream",
             initializer=lambda: os.sched_setaffinity(0, cpus))
+        # Chunks are stored from threads of their own: their senders, on
+        # the executor, must never wait behind them.
+        self.chunk_senders = ThreadPoolExecutor(max_workers=16,
+                                                thread_name_prefix="chunks")
+        self._checked = False
         self._count_lock = threading.Lock()
         self._orders = {}
         self._stop = threading.Event()
@@ -217,6 +226,7 @@ class Cluster:
         """Stop the health checks and the upload senders (without waiting)."""
         self._stop.set()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.chunk_senders.shutdown(wait=False, cancel_futures=True)
 
     def count(self, name):
         with self._count_lock:
@@ -252,6 +262,7 @@ class Cluster:
     def check_all(self):
         members = [m for g in self.groups for m in g.members]
         list(self.executor.map(self.check, members))
+        self._checked = True
 
     def watch_health(self, every=HEALTH_EVERY):
         def loop():
@@ -335,6 +346,58 @@ class Cluster:
             return best
         raise Unavailable("could not store %d copies in any group (best: %d)"
                           % (self.copies, best))
+
+    def store_chunked(self, body, chunk_size, meta):
+        """Store an upload (an iterable of bytes) of more than chunk_size
+        bytes as chunks under a manifest; one of at most chunk_size is
+        stored whole.  Returns (id, size, copies, chunks).
+
+        Each chunk goes to its own placement group as soon as it is
+        complete, CHUNKS_AHEAD at once, so memory holds a few chunks, never
+        the object.  The manifest is stored (under the SHA-1 of all the
+        bytes) only once every chunk has its copies: an upload that fails
+        or dies half-way leaves no object, only chunks that replicate
+        collects after --gc-grace.  Raises Unavailable."""
+        whole, size, buf = hashlib.sha1(), 0, bytearray()
+        chunks, copies, pending = [], [], collections.deque()
+
+        def send(piece):
+            chunk_id = "c" + hashlib.sha1(piece).hexdigest()
+            chunks.append((chunk_id, len(piece)))
+            pending.append(self.chunk_senders.submit(
+                self.store, piece, len(piece), chunk_id, {}))
+            while len(pending) > CHUNKS_AHEAD:
+                copies.append(pending.popleft().result())
+        try:
+            for data in body:
+                hash_update(whole, data)
+                size += len(data)
+                buf += data
+                while len(buf) > chunk_size:    # exactly chunk_size: whole
+                    send(bytes(buf[:chunk_size]))
+                    del buf[:chunk_size]
+            if not chunks:
+                return whole.hexdigest(), size, self.store(
+                    bytes(buf), size, whole.hexdigest(), meta), 0
+            send(bytes(buf))
+            copies += [f.result() for f in pending]
+        finally:
+            for f in pending:
+                f.cancel()
+        manifest = Manifest(whole.hexdigest(), size, chunk_size, chunks).encode()
+        copies.append(self.store(manifest, len(manifest), whole.hexdigest(),
+                                 dict(meta, **{MANIFEST: str(size)})))
+        return whole.hexdigest(), size, min(copies), len(chunks)
+
+    def chunkable(self):
+        """False once a blob-server of the Go original was seen (it answers
+        /alive, not /stats): it would keep a manifest without checking it,
+        and couldn't list it for replicate.  Large uploads are then stored
+        whole, as before chunking."""
+        if not self._checked:
+            self.check_all()
+        return not any(h.get("up") and "checked" in h and "blobs" not in h
+                       for h in self.health.values())
 
     def _store_in_group(self, group, body, size, blob_id, meta, need):
         """Send the blob to every member of group at once; return as soon
@@ -478,6 +541,46 @@ class Cluster:
         diverted under another configuration must not come back from an
         older group.  Raises Missing (every server said 404, or only older
         copies were left) or Unavailable."""
+        for member, reply in self._copies(blob_id, body):
+            try:
+                found = self._found(blob_id, member, reply, body)
+            except (OSError, http.client.HTTPException) as e:
+                reply.close()
+                self.unreachable(member, "fetch", blob_id, e)
+                continue
+            if found:
+                return found
+
+    def read_chunk(self, chunk_id):
+        """A chunk's bytes, whole and verified: a bad copy falls over to the
+        next member, unseen by the client.  Unavailable if no good copy is
+        left: a chunk missing everywhere is a loss, not a 404 of its object."""
+        try:
+            return self._read_chunk(chunk_id)
+        except Missing:
+            log.error("chunk %s is missing from every blob-server", chunk_id)
+            raise Unavailable("chunk %s is missing" % chunk_id) from None
+
+    def _read_chunk(self, chunk_id):
+        for member, reply in self._copies(chunk_id, True):
+            try:
+                data = reply.read()
+            except (OSError, http.client.HTTPException) as e:
+                self.unreachable(member, "fetch", chunk_id, e)
+                continue
+            finally:
+                reply.close()
+            if hashlib.sha1(data).hexdigest() == content_id(chunk_id):
+                return data
+            self.corrupt("CORRUPT copy of chunk %s on %s: trying another",
+                         chunk_id, member)
+
+    def _copies(self, blob_id, body):
+        """Yield (member, reply) for each copy of blob_id, in fetch order,
+        until the caller has what it wants; then raise Missing or
+        Unavailable.  The caller closes each reply.  A member whose copy the
+        caller went past (corrupt, cut short) counts as one that could not
+        answer: the end is then Unavailable, never a false Missing."""
         unasked, deleted = [], -1
         for group, _ in self.order(blob_id):
             for member in self.members(blob_id, group):
@@ -500,14 +603,7 @@ class Cluster:
                              blob_id, member)
                     reply.close()
                     continue
-                try:
-                    found = self._found(blob_id, member, reply, body)
-                except (OSError, http.client.HTTPException) as e:
-                    reply.close()
-                    self.unreachable(member, "fetch", blob_id, e)
-                    found = None
-                if found:
-                    return found
+                yield member, reply
                 unasked.append(member)
         if unasked:
             raise Unavailable("%s: could not ask %s" % (blob_id, ", ".join(unasked)))
@@ -526,6 +622,9 @@ class Cluster:
             meta = blob_metadata(reply.headers.items())
         except ValueError:
             meta = {}           # a blob-server sent what it should not have
+        manifest = reply.headers.get(MANIFEST)
+        if manifest is not None:
+            return self._manifest(blob_id, member, reply, body, manifest, meta)
         length = reply.headers.get("Content-Length", "")
         blob = StoredBlob(self, blob_id, int(length) if length.isdigit() else None,
                           meta, member, reply)
@@ -545,12 +644,29 @@ class Cluster:
         if hasher:
             h = hasher()
             hash_update(h, data)
-            if h.hexdigest() != blob_id:
+            if h.hexdigest() != content_id(blob_id):
                 self.corrupt("CORRUPT copy of %s on %s (%d bytes): trying "
                              "another", blob_id, member, len(data))
                 return None
         blob.data, blob.size, blob.reply = bytes(data), len(data), None
         return blob
+
+    def _manifest(self, blob_id, member, reply, body, size, meta):
+        """A chunked object's manifest, checked before anything follows it;
+        None (another member is asked) if it fails its rules."""
+        try:
+            data = reply.read() if body else None
+        finally:
+            reply.close()
+        try:
+            manifest = data and Manifest.decode(data, blob_id)
+            if not size.isdigit() or manifest and manifest.size != int(size):
+                raise BadManifest("X-Sos-Manifest %r" % size)
+        except BadManifest as e:
+            self.corrupt("CORRUPT manifest of %s on %s: %s; trying another",
+                         blob_id, member, e)
+            return None
+        return ChunkedBlob(self, blob_id, int(size), meta, manifest)
 
     def corrupt(self, *message):
         """A copy whose bytes don't hash to its id: counted and logged."""
@@ -684,7 +800,7 @@ class StoredBlob(Blob):
             stop.set()
             for t in threads:
                 t.join()
-        if hasher.hexdigest() != self.id:
+        if hasher.hexdigest() != content_id(self.id):
             self.cluster.corrupt("CORRUPT copy of %s on %s found while streaming",
                                  self.id, self.member)
             raise Corrupt("CORRUPT copy of %s on %s" % (self.id, self.member))
@@ -700,6 +816,65 @@ class StoredBlob(Blob):
 def number(text, default=-1):
     """An integer header value, default if absent or not one."""
     return int(text) if text and text.isascii() and text.isdigit() else default
+
+
+class ChunkedBlob(Blob):
+    """An object stored as chunks under a manifest (see README: Large
+    objects).  Its chunks are read in order, CHUNKS_AHEAD of them at once
+    from their groups, each whole and verified against its id before any of
+    its bytes is given (a bad copy falls over to another member, unseen);
+    a range reads only the chunks it covers.  The whole object is also
+    hashed against its id, its last bytes held back until that is right."""
+
+    def __init__(self, cluster, blob_id, size, meta, manifest):
+        super().__init__(blob_id, size, meta)
+        self.cluster, self.manifest = cluster, manifest
+        self.pending = collections.deque()
+
+    def read(self, offset=0, count=None):
+        if self.manifest is None:              # found by a HEAD
+            with self.cluster.fetch(self.id) as blob:
+                self.manifest = blob.manifest
+        count = self.size - offset if count is None else count
+        size = self.manifest.chunk_size
+        first = offset // size
+        wanted = iter(self.manifest.chunks[first:(offset + count - 1) // size + 1])
+        self._ahead(wanted)
+        data = self.pending.popleft().result()   # fails before the reply does
+        whole = hashlib.sha1() if count == self.size else None
+        return self._stream(data, wanted, offset - first * size, count, whole)
+
+    def _ahead(self, wanted):
+        while len(self.pending) < CHUNKS_AHEAD:
+            chunk = next(wanted, None)
+            if chunk is None:
+                return
+            self.pending.append(self.cluster.executor.submit(
+                self.cluster.read_chunk, chunk[0]))
+
+    def _stream(self, data, wanted, skip, count, whole):
+        held = None
+        while True:
+            self._ahead(wanted)
+            piece = memoryview(data)[skip:skip + count]
+            skip, count = 0, count - len(piece)
+            if whole:
+                whole.update(piece)
+            if held is not None:
+                yield held
+            held = piece
+            if not self.pending:
+                break
+            data = self.pending.popleft().result()
+        if whole and whole.hexdigest() != self.id:
+            self.cluster.corrupt("CORRUPT object %s: its chunks are right, but "
+                                 "not its whole", self.id)
+            raise Corrupt("%s: the chunks' bytes don't hash to the id" % self.id)
+        yield held
+
+    def close(self):
+        while self.pending:
+            self.pending.pop().cancel()
 
 
 class Unavailable(Exception):

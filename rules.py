@@ -9,6 +9,7 @@ chunked framing.  Nothing here does I/O.
 """
 
 import hashlib
+import json
 import mimetypes
 import os
 import re
@@ -20,6 +21,10 @@ ID_RE = re.compile(r"[a-z0-9]{1,128}")
 HEX_RE = re.compile(r"[0-9a-f]+")
 RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 CONTENT_HASHES = {40: hashlib.sha1, 64: hashlib.sha256}
+# A chunk of a large object: "c" and the SHA-1 of the chunk's bytes.
+CHUNK_ID = re.compile(r"c[0-9a-f]{40}")
+MANIFEST_VERSION = 1
+MAX_MANIFEST = 1 << 20    # bytes: some 16,000 chunks
 PAD = "-"                 # pads short ids in shard names; sorts before [a-z0-9]
 CHUNK = 256 * 1024
 HASH_KEEPS_GIL = 16 * 1024   # hash_update: hashed in 2 KiB pieces up to this
@@ -75,9 +80,17 @@ def valid_id(blob_id):
 
 
 def content_hash(blob_id):
-    """The hash constructor an id commits to (SHA-1, SHA-256), else None."""
+    """The hash constructor an id commits to (SHA-1, SHA-256; a chunk id
+    commits to the SHA-1 of the chunk), else None."""
+    if CHUNK_ID.fullmatch(blob_id):
+        return hashlib.sha1
     ctor = CONTENT_HASHES.get(len(blob_id))
     return ctor if ctor and HEX_RE.fullmatch(blob_id) else None
+
+
+def content_id(blob_id):
+    """The hex digest blob_id commits to (itself, or a chunk id's digest)."""
+    return blob_id[1:] if CHUNK_ID.fullmatch(blob_id) else blob_id
 
 
 def hash_update(h, data):
@@ -206,6 +219,72 @@ def chunked(chunks):
         if chunk:
             yield b"%x\r\n%s\r\n" % (len(chunk), chunk)
     yield b"0\r\n\r\n"
+
+
+# --- Manifests: a large object's chunks ----------------------------------------
+
+class BadManifest(ValueError):
+    """Not a manifest of the object it is stored under."""
+
+
+class Manifest:
+    """A chunked object: its id (the SHA-1 of all its bytes), size, the size
+    of every chunk but the last, and its chunks, [(chunk id, size)] in order."""
+
+    def __init__(self, blob_id, size, chunk_size, chunks):
+        self.id, self.size, self.chunk_size, self.chunks = \
+            blob_id, size, chunk_size, chunks
+
+    def encode(self):
+        """The manifest file: JSON, one chunk a line, ending with the SHA-1
+        of the rest (so a flipped bit is found before a chunk is followed)."""
+        doc = self._doc()
+        doc["check"] = _digest(doc)
+        lines = ['{"sos-manifest": %d, "id": "%s", "size": %d, "chunk-size": %d,'
+                 % (MANIFEST_VERSION, self.id, self.size, self.chunk_size),
+                 ' "chunks": [']
+        lines += ['  ["%s", %d]%s' % (c, n, "," if i < len(self.chunks) - 1 else "")
+                  for i, (c, n) in enumerate(self.chunks)]
+        lines.append(' ], "check": "%s"}' % doc["check"])
+        return ("\n".join(lines) + "\n").encode()
+
+    def _doc(self):
+        return {"sos-manifest": MANIFEST_VERSION, "id": self.id, "size": self.size,
+                "chunk-size": self.chunk_size,
+                "chunks": [[c, n] for c, n in self.chunks]}
+
+    @classmethod
+    def decode(cls, data, blob_id):
+        """The Manifest in data, stored under blob_id; BadManifest unless
+        every rule holds: its own check, the id, chunk ids, and sizes that
+        add up with every chunk but the last exactly chunk-size."""
+        try:
+            doc = json.loads(data)
+            check = doc.pop("check")
+            size, chunk_size, chunks = doc["size"], doc["chunk-size"], doc["chunks"]
+            m = cls(doc["id"], size, chunk_size, [tuple(c) for c in chunks])
+            same = doc == m._doc()
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise BadManifest("%s: not a manifest (JSON with sos-manifest, id, "
+                              "size, chunk-size, chunks, check)" % blob_id) from None
+        if check != _digest(doc) or not same:
+            raise BadManifest("%s: manifest fails its check" % blob_id)
+        if m.id != blob_id or not HEX_RE.fullmatch(blob_id) or len(blob_id) != 40:
+            raise BadManifest("manifest of %r stored under %s" % (m.id, blob_id))
+        if not (isinstance(size, int) and isinstance(chunk_size, int) and
+                0 < chunk_size < size and len(chunks) == -(-size // chunk_size)):
+            raise BadManifest("%s: manifest sizes don't add up" % blob_id)
+        for i, (c, n) in enumerate(m.chunks):
+            last = size - chunk_size * (len(chunks) - 1)
+            if not (isinstance(c, str) and CHUNK_ID.fullmatch(c)) or \
+                    n != (chunk_size if i < len(chunks) - 1 else last):
+                raise BadManifest("%s: manifest chunk %d is wrong" % (blob_id, i))
+        return m
+
+
+def _digest(doc):
+    return hashlib.sha1(json.dumps(doc, sort_keys=True, separators=(",", ":"))
+                        .encode()).hexdigest()
 
 
 # --- Bodies that both the server and the upstream client send ----------------

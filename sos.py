@@ -72,6 +72,7 @@ STATUS_PAGE_POLICY = "default-src 'none'; style-src 'sha256-%s'" % base64.b64enc
     hashlib.sha256(STATUS_STYLE.encode()).digest()).decode()
 DEFAULT_MAX_UPLOAD = "5G"
 DEFAULT_VERIFY_LIMIT = "1M"
+DEFAULT_CHUNK_SIZE = "8M"
 
 log = logging.getLogger("sos")
 
@@ -144,6 +145,10 @@ class UploadHandler(FrontHandler):
                     raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                     "larger than %d bytes" % srv.max_upload)
                 yield chunk
+        if srv.chunk_size and (length is None or length > srv.chunk_size) \
+                and srv.cluster.chunkable():
+            self.store_chunked(limited(), meta)
+            return
         try:
             body, size, blob_id = spool(limited(), srv.spool_dir)
         except OSError as e:
@@ -161,6 +166,17 @@ class UploadHandler(FrontHandler):
                 body.close()
         self.send_json(HTTPStatus.OK, {"id": blob_id, "size": size,
                                        "status": "OK", "copies": copies})
+
+    def store_chunked(self, body, meta):
+        """A large upload, as chunks sent while it arrives (no spool)."""
+        try:
+            blob_id, size, copies, chunks = self.server.cluster.store_chunked(
+                body, self.server.chunk_size, meta)
+        except Unavailable as e:
+            log.error("chunked upload failed: %s", e)
+            raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, "upload failed: %s" % e)
+        reply = {"id": blob_id, "size": size, "status": "OK", "copies": copies}
+        self.send_json(HTTPStatus.OK, dict(reply, chunks=chunks) if chunks else reply)
 
     def do_delete(self):
         token = self.server.delete_token
@@ -203,13 +219,16 @@ class DownloadHandler(FrontHandler):
             body = blob.read(offset, count) if get else ()
             try:
                 self.send(status, headers + extra, body, count)
-            except (Corrupt, http.client.HTTPException) as e:
+            except (Corrupt, Unavailable, http.client.HTTPException) as e:
                 log.error("fetch of %s cut short: %s", blob_id, e)
-                if not self.head_sent:
-                    raise HTTPError(HTTPStatus.BAD_GATEWAY, "could not read "
-                                    "%s from its blob-server" % blob_id) from None
-                # The reply has begun: all we can do is cut it short.
-                self.close_connection = True
+                if self.head_sent:
+                    # The reply has begun: all we can do is cut it short.
+                    self.close_connection = True
+                    return
+                if isinstance(e, Unavailable):
+                    raise
+                raise HTTPError(HTTPStatus.BAD_GATEWAY, "could not read "
+                                "%s from its blob-server" % blob_id) from None
 
 
 class AdminHandler(Handler):
@@ -335,9 +354,11 @@ class FrontServer(Server):
 
     def __init__(self, address, handler, cluster, metrics, *,
                  max_upload=parse_size(DEFAULT_MAX_UPLOAD), spool_dir=None,
-                 delete_token=None, **options):
+                 delete_token=None, chunk_size=parse_size(DEFAULT_CHUNK_SIZE),
+                 **options):
         """options: token, tls, reuse_port (see httpd.Server)."""
         self.cluster = cluster
+        self.chunk_size = chunk_size
         self.max_upload = max_upload
         self.spool_dir = spool_dir
         self.delete_token = delete_token
@@ -402,8 +423,12 @@ def parser():
                         "are sent (default %s)" % DEFAULT_VERIFY_LIMIT)
     parser.add_argument("--timeout", type=float, default=READ_TIMEOUT,
                         help="seconds to wait on a blob-server (default %(default)s)")
-    parser.add_argument("--spool-dir", help="where large uploads are spooled "
+    parser.add_argument("--spool-dir", help="where uploads are spooled "
                         "(default: the system temp directory)")
+    parser.add_argument("--chunk-size", type=parse_size,
+                        default=parse_size(DEFAULT_CHUNK_SIZE),
+                        help="larger uploads are stored as chunks of this size "
+                        "(default %s; 0: never)" % DEFAULT_CHUNK_SIZE)
     parser.add_argument("--admin-host", default="127.0.0.1",
                         help="address of the admin port (default %(default)s)")
     parser.add_argument("--admin-port", type=int, default=9993,
@@ -437,7 +462,7 @@ def main(argv=None):
                                 token=read_token(args.cluster_token)))
     errors = watch_errors()
     options = dict(host=args.api_host, max_upload=args.max_upload,
-                   spool_dir=args.spool_dir,
+                   spool_dir=args.spool_dir, chunk_size=args.chunk_size,
                    upload_token=read_token(args.upload_token),
                    download_token=read_token(args.download_token),
                    delete_token=read_token(args.delete_token),

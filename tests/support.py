@@ -499,14 +499,14 @@ class InProcessSos:
     With delete_token, the upload port also takes DELETE /fetch/<id>."""
 
     def __init__(self, groups, timeout=10, max_upload=1 << 30, delete_token=None,
-                 **options):
+                 chunk_size=sos.parse_size(sos.DEFAULT_CHUNK_SIZE), **options):
         self.groups = groups
         self.delete_token = delete_token
         pool = sos.Pool(connect_timeout=1, timeout=timeout)
         self.cluster = Cluster(groups, pool=pool, **options)
         up, down = sos.make_servers(self.cluster, host="127.0.0.1", upload_port=0,
                                     download_port=0, max_upload=max_upload,
-                                    delete_token=delete_token)
+                                    delete_token=delete_token, chunk_size=chunk_size)
         self.up, self.down = InProcessServer(up), InProcessServer(down)
 
     def upload(self, data, headers=None):
