@@ -57,7 +57,6 @@ import grp
 import logging
 import os
 import pwd
-import re
 import sys
 import threading
 import time
@@ -69,8 +68,8 @@ from rules import (MAX_MANIFEST, VERSION, BadManifest, FilePart, Manifest,
                    Missing, blob_headers, blob_metadata, http_range, valid_id)
 from metrics import Metrics
 from httpd import HTTPError, Handler, Server
-from process import (ArgumentParser, add_server_args, parse_size, read_token,
-                     serve_workers, setup_logging, tls_context)
+from process import (ArgumentParser, add_server_args, parse_age, parse_size,
+                     read_token, serve_workers, setup_logging, tls_context)
 
 DEFAULT_PORT = 3001
 DEFAULT_RECLAIM_AGE = "7d"
@@ -260,14 +259,6 @@ class BlobServer(Server):
 
 
 make_server = BlobServer
-
-
-def parse_age(text):
-    """'7d', '12h', '30m', '90s' or '3600' -> seconds; ValueError otherwise."""
-    m = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?)([dhms]?)", text.strip())
-    if not m:
-        raise ValueError("bad age %r (use e.g. 7d, 12h, 30m, 90s)" % text)
-    return float(m.group(1)) * {"d": 86400, "h": 3600, "m": 60}.get(m.group(2), 1)
 
 
 def resolve_user(spec):

@@ -150,6 +150,14 @@ def parse_size(text):
     return int(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")
 
 
+def parse_age(text):
+    """'7d', '12h', '30m', '90s' or '3600' -> seconds; ValueError otherwise."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?)([dhms]?)", text.strip())
+    if not m:
+        raise ValueError("bad age %r (use e.g. 7d, 12h, 30m, 90s)" % text)
+    return float(m.group(1)) * {"d": 86400, "h": 3600, "m": 60}.get(m.group(2), 1)
+
+
 def read_token(path):
     """The secret in a token file, stripped; exits with a message if unusable."""
     if not path:

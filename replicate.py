@@ -52,17 +52,15 @@ from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 
 from cluster import ConfigError, add_cluster_args, load_groups, placement
+from collect import Collector
 from rules import CHUNK, blob_metadata, chunked, shard, valid_id
-from upstream import Pool
-from process import ArgumentParser, read_token, setup_logging
+from upstream import Pool, Unreachable
+from process import ArgumentParser, parse_age, read_token, setup_logging
 
 PAGE = 10000
+DEFAULT_GC_GRACE = "1d"
 
 log = logging.getLogger("replicate")
-
-
-class Unreachable(Exception):
-    """A member could not be listed or asked."""
 
 
 class Progress:
@@ -119,7 +117,7 @@ class Replicator:
 
     # Asking members.
 
-    def _get_json(self, member, path):
+    def get_json(self, member, path):
         try:
             reply = self.pool.request(member, "GET", path)
             if reply.status != HTTPStatus.OK:
@@ -133,7 +131,7 @@ class Replicator:
 
     def digests(self, member):
         """{bucket: digest}, or None for a blob-server without digests."""
-        status, body = self._get_json(member, "/digests")
+        status, body = self.get_json(member, "/digests")
         if status == HTTPStatus.NOT_FOUND:
             return None
         if status != HTTPStatus.OK or not isinstance(body, dict):
@@ -147,7 +145,7 @@ class Replicator:
         everything at once: then its (whole) list is filtered and sorted here."""
         after = ""
         while True:
-            status, page = self._get_json(member, "/blobs?prefix=%s&after=%s&limit=%d"
+            status, page = self.get_json(member, "/blobs?prefix=%s&after=%s&limit=%d"
                                           % (prefix, after, PAGE))
             if status != HTTPStatus.OK or not isinstance(page, list):
                 raise Unreachable("%s: /blobs answered %s" % (member, status))
@@ -191,7 +189,7 @@ class Replicator:
         older blob-server) lists its blobs, as written at time 0."""
         after = ""
         while True:
-            status, page = self._get_json(member, "/blobs?state=1&prefix=%s&after=%s"
+            status, page = self.get_json(member, "/blobs?state=1&prefix=%s&after=%s"
                                           "&limit=%d" % (prefix, after, PAGE))
             if status != HTTPStatus.OK or not isinstance(page, list) or not all(
                     isinstance(e, list) and len(e) == 3 and isinstance(e[1], int)
@@ -269,9 +267,11 @@ class Replicator:
                     log.warning("%s: %s answered %d", blob_id, source, reply.status)
                     continue
                 headers = blob_metadata(reply.headers.items())
-                ts = reply.headers.get("X-Sos-Timestamp")
-                if ts:                  # the copy keeps the time of its write
-                    headers["X-Sos-Timestamp"] = ts
+                # The copy keeps the time of its write, and a manifest stays
+                # one (its receiver checks it by its own rules).
+                for name in ("X-Sos-Timestamp", "X-Sos-Manifest"):
+                    if reply.headers.get(name):
+                        headers[name] = reply.headers.get(name)
                 length = reply.headers.get("Content-Length")
                 if length is not None:
                     headers["Content-Length"] = length
@@ -605,6 +605,10 @@ def parser():
     parser.add_argument("--copies", type=int, default=2,
                         help="--rebalance: a move needs this many copies in the "
                         "placement group (default 2, capped by its size)")
+    parser.add_argument("--gc-grace", type=parse_age, default=DEFAULT_GC_GRACE,
+                        help="chunks that no live manifest references are "
+                        "collected once this old (default %(default)s; e.g. "
+                        "12h, 0s)")
     parser.add_argument("--metrics-file", metavar="PATH",
                         help="write the run's summary here in Prometheus text "
                         "format (atomically), e.g. for node_exporter's textfile "
@@ -659,8 +663,11 @@ def run(argv):
                     log.error("scrub: %s", e)
                     status = 1
         summaries.append(rep.sync(group))
+    collector = Collector(rep, everywhere, args.gc_grace)
+    collector.run()
     progress.end()
     status = report(summaries, moves, everywhere, progress) or status
+    status = report_gc(collector) or status
     if args.metrics_file:
         try:
             write_metrics(args.metrics_file, summaries, moves)
@@ -700,6 +707,19 @@ def report(summaries, moves, groups, progress):
                   "%d id(s) left, %d member(s) unreachable: run again"
                   % (m["left"], m["unreachable"])))
     return status
+
+
+def report_gc(collector):
+    """Print what the collection did; returns the exit status it implies."""
+    f = collector.figures
+    if collector.skipped:
+        print("gc: skipped: %s" % collector.skipped)
+        return 1
+    print("gc: %d manifests, %d chunks referenced, %d collected, %d kept (newer "
+          "meanwhile or unreachable), %d MISSING" % (
+              f["manifests"], f["referenced"], f["collected"], f["kept"],
+              f["missing"]))
+    return int(bool(f["missing"]))
 
 
 METRICS = (("examined", "ids compared"), ("copied", "copies made"),

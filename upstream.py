@@ -23,6 +23,10 @@ READ_TIMEOUT = 60.0
 POOL_IDLE = 5.0           # seconds an idle upstream connection is reused
 
 
+class Unreachable(Exception):
+    """A server could not be asked, or its answer could not be used."""
+
+
 class Headers:
     """A reply's header fields: get() by any case, items() as sent."""
 

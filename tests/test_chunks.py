@@ -4,12 +4,13 @@ failover per chunk, a manifest that is checked before it is followed."""
 
 import http.client
 import os
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import rules
-from support import blob_path, get_json, request, sha1
+from support import blob_path, get_json, request, run_replicate, sha1
 
 CHUNK = 1000
 
@@ -159,3 +160,75 @@ def flip(c, url, blob_id, offset):
         b = f.read(1)
         f.seek(offset)
         f.write(bytes([b[0] ^ 0xFF]))
+
+
+# --- Collection (replicate --gc-grace) -----------------------------------------------
+
+def config_of(c, tmp_path):
+    path = tmp_path / "sos.conf"
+    path.write_text("".join("[%s]\n%s" % (g.name, "".join("-: %s\n" % m for m in g.members))
+                            for g in c.groups))
+    return str(path)
+
+
+def gc_line(out):
+    return next(line for line in out.splitlines() if line.startswith("gc:"))
+
+
+def test_deleted_objects_chunks_are_collected_and_shared_ones_kept(
+        make_cluster, tmp_path, capsys):
+    c = chunked_cluster(make_cluster, delete_token="t")
+    shared = os.urandom(CHUNK)
+    a, b = shared + os.urandom(CHUNK + 1), shared + os.urandom(CHUNK + 2)
+    ida, idb = c.upload(a)[1]["id"], c.upload(b)[1]["id"]
+    chunks_a = [i for i, _ in read_manifest(c, ida).chunks]
+    assert chunks_a[0] == "c" + sha1(shared)
+    assert c.delete(ida)[0] == 200
+    conf = config_of(c, tmp_path)
+    rc, _, out = run_replicate(capsys, "--config", conf)      # grace: 1 day
+    assert rc == 0 and "0 collected" in gc_line(out)
+    assert all(c.holders(i) for i in chunks_a)
+    rc, _, out = run_replicate(capsys, "--config", conf, "--gc-grace", "0s")
+    assert rc == 0, out
+    assert gc_line(out).startswith("gc: 1 manifests, 3 chunks referenced, 4 collected")
+    assert c.holders(chunks_a[0]) and not any(c.holders(i) for i in chunks_a[1:])
+    assert c.fetch(idb)[:3:2] == (200, b) and c.fetch(ida)[0] == 404
+
+
+def test_chunks_of_an_upload_that_died_are_collected_after_the_grace(
+        make_cluster, tmp_path, capsys):
+    c = chunked_cluster(make_cluster)
+    orphan = os.urandom(CHUNK)
+    chunk_id = "c" + sha1(orphan)
+    old = time.time_ns() - 7200 * 10 ** 9
+    for url in c.groups[0].members:          # as if sent, then the upload died
+        assert get_json("%s/blob/%s" % (url, chunk_id), "POST", orphan,
+                        {"X-Sos-Timestamp": str(old)})[0] == 200
+    conf = config_of(c, tmp_path)
+    rc, _, out = run_replicate(capsys, "--config", conf, "--gc-grace", "3h")
+    assert rc == 0 and c.holders(chunk_id)
+    # An upload re-uses the chunk before the collection: it is referenced.
+    reuse = orphan + os.urandom(10)
+    assert c.upload(reuse)[0] == 200
+    rc, _, out = run_replicate(capsys, "--config", conf, "--gc-grace", "1h")
+    assert rc == 0 and c.holders(chunk_id) and "0 collected" in gc_line(out)
+    status, _, body = c.fetch(sha1(reuse))
+    assert (status, body) == (200, reuse)
+
+
+def test_a_manifest_whose_chunk_is_gone_everywhere_is_reported(make_cluster, tmp_path,
+                                                               capsys):
+    c = chunked_cluster(make_cluster)
+    data = os.urandom(2 * CHUNK + 3)
+    blob_id = c.upload(data)[1]["id"]
+    lost = read_manifest(c, blob_id).chunks[1][0]
+    for url in c.holders(lost):
+        os.unlink(blob_path(c.blobs[url].store.root, lost))
+    rc, _, out = run_replicate(capsys, "--config", config_of(c, tmp_path))
+    assert rc == 1 and "1 MISSING" in gc_line(out)
+    status = None
+    try:
+        status, _, body = c.fetch(blob_id)
+    except (http.client.HTTPException, OSError):
+        pass
+    assert status in (None, 503)

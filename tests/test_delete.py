@@ -8,6 +8,7 @@ import time
 import pytest
 
 import blob
+import process
 import sos
 from cluster import Group
 from go_original import GoOriginal
@@ -178,7 +179,7 @@ def test_reclaim_removes_only_old_tombstones(blob_server):
                                            ("30m", 1800), ("90s", 90), ("3600", 3600),
                                            ("0.5", 0.5)])
 def test_reclaim_age_takes_units(text, seconds):
-    assert blob.parse_age(text) == seconds
+    assert process.parse_age(text) == seconds
 
 
 def test_reclaim_age_refuses_nonsense():
