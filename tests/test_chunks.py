@@ -10,7 +10,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import rules
-from support import blob_path, get_json, request, run_replicate, sha1
+from cluster import Group, placement
+from go_original import GoOriginal
+from support import (InProcessSos, blob_path, get_json, request, run_replicate,
+                     blob_servers, sha1, summary)
 
 CHUNK = 1000
 
@@ -75,8 +78,6 @@ def test_random_ranges_of_a_chunked_object_round_trip(chunked_front, size, data)
 
 @pytest.fixture(scope="module")
 def chunked_front(tmp_path_factory):
-    from support import InProcessSos, blob_servers
-    from cluster import Group
     with blob_servers(tmp_path_factory.mktemp("chunks")) as start:
         groups = [Group("g%d" % g, [start("g%d-%d" % (g, i)).url for i in range(2)])
                   for g in range(3)]
@@ -232,3 +233,53 @@ def test_a_manifest_whose_chunk_is_gone_everywhere_is_reported(make_cluster, tmp
     except (http.client.HTTPException, OSError):
         pass
     assert status in (None, 503)
+
+
+def test_a_cluster_with_a_go_original_stores_large_uploads_whole(blob_server):
+    """The original would keep a manifest unchecked and can't list one: with
+    it among the members, chunking is off and uploads are stored whole."""
+    go = GoOriginal()
+    front = InProcessSos([Group("mixed", [blob_server("ours").url, go.url])],
+                         chunk_size=CHUNK)
+    try:
+        data = os.urandom(3 * CHUNK)
+        status, reply = front.upload(data)
+        assert status == 200 and "chunks" not in reply
+        assert go.blobs[sha1(data)][0] == data
+        assert front.fetch(sha1(data))[:3:2] == (200, data)
+    finally:
+        front.stop()
+        go.stop()
+
+
+def test_scrub_and_rebalance_treat_chunks_and_manifests_as_what_they_are(
+        make_cluster, tmp_path, capsys):
+    c = make_cluster([("g1", 2)], chunk_size=CHUNK)
+    data = os.urandom(4 * CHUNK + 9)
+    blob_id = c.upload(data)[1]["id"]
+    chunk_id = read_manifest(c, blob_id).chunks[1][0]
+    flip(c, c.holders(chunk_id)[0], chunk_id, 3)        # a rotten chunk copy
+    conf = config_of(c, tmp_path)
+    rc, _, out = run_replicate(capsys, "--config", conf, "--scrub")
+    assert rc == 0 and "quarantined by scrub: 1" in out, out
+    assert len(c.holders(chunk_id)) == 2                 # restored, verified
+    # A new group: the manifest and chunks move where they belong, and the
+    # object reads back whole through a sos-server that knows both groups.
+    extra = [make_cluster([("g2", 2)]).blobs]
+    g2 = Group("g2", list(extra[0]))
+    groups = c.groups + [g2]
+    path = tmp_path / "grown.conf"
+    path.write_text("".join("[%s]\n%s" % (g.name, "".join("-: %s\n" % m for m in g.members))
+                            for g in groups))
+    ids = [blob_id] + [i for i, _ in read_manifest(c, blob_id).chunks]
+    rc, _, out = run_replicate(capsys, "--config", str(path), "--rebalance")
+    assert rc == 0 and summary(out, "moves")["g1"]["moved_out"] > 0, out
+    front = InProcessSos(groups, chunk_size=CHUNK)
+    try:
+        assert front.fetch(blob_id)[:3:2] == (200, data)
+    finally:
+        front.stop()
+    everyone = {**c.blobs, **extra[0]}
+    for i in ids:
+        home = placement(i, groups)[0]
+        assert {u for u, s in everyone.items() if s.store.exists(i)} == set(home.members)
