@@ -34,6 +34,8 @@ member's quarantine and restored from a good member by the same run.
 
 --rebalance first moves every id that lives outside its placement group into
 it (see the Rebalance section below), --dry-run says what it would move.
+Every run ends by collecting the chunks of large objects that no live
+manifest references, once older than --gc-grace (collect.py).
 
 Exit status: 0 every group in sync; 1 some copies failed or a member was
 unreachable (the rest still synced); 2 usage or configuration error.

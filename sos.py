@@ -24,7 +24,9 @@ sos-server keeps no state: blobs live on blob-servers (blob.py), which are
 arranged in groups.  Each blob belongs to one group, picked by rendezvous
 hashing of its id over the groups' weights, and every member of that group
 should hold a copy.  An upload goes to the members of its group in parallel
-and is acknowledged once --copies of them have it durably; if the group
+and is acknowledged once --copies of them have it durably (one larger than
+--chunk-size goes as chunks, each placed like a blob, under a manifest:
+README, Large objects); if the group
 can't take it (members down or full), the next group in the blob's placement
 order does.  A fetch asks the blob's own group first, so it costs one hop in
 the common case, and falls back to the other groups only on a miss.
