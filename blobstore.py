@@ -635,12 +635,14 @@ class BlobStore:
                 os.close(fd1)
 
     def _leaf_entries(self, d1, d2, detail=False):
-        """A leaf's ids in sorted order: [(id, kind, size, timestamp, both)].
+        """A leaf's ids in sorted order: [(id, kind, size, timestamp, both,
+        sidecar)].
 
         kind is "blob" or "tombstone", size a blob's bytes, both True for an
         id with a blob and a tombstone (a crash cut a write short), whose
-        newer counts (the tombstone on a tie).  Sizes and timestamps cost a
-        stat per file: read if asked (detail), else only for such ids."""
+        newer counts (the tombstone on a tie), sidecar True if the id has an
+        <id>.json.  Sizes and timestamps cost a stat per file: read if asked
+        (detail), else only for such ids."""
         try:
             fd1 = self._open_dir(self.root_fd, d1)
             try:
@@ -649,11 +651,14 @@ class BlobStore:
                 os.close(fd1)
         except OSError:
             return []
-        files, out = {}, []
+        files, out, sidecars = {}, [], set()
         try:
             with os.scandir(fd) as it:
                 for e in it:
                     blob_id, kind = e.name, "blob"
+                    if blob_id.endswith(".json"):
+                        sidecars.add(blob_id[:-5])
+                        continue
                     if blob_id.endswith(TOMBSTONE):
                         blob_id, kind = blob_id[:-len(TOMBSTONE)], "tombstone"
                     if valid_id(blob_id) and e.is_file(follow_symlinks=False):
@@ -670,7 +675,7 @@ class BlobStore:
                                    kind, st.st_size if st and kind == "blob" else 0))
                 if states:
                     ts, _, kind, size = max(states)
-                    out.append((blob_id, kind, size, ts, both))
+                    out.append((blob_id, kind, size, ts, both, blob_id in sidecars))
         finally:
             os.close(fd)
         return out
@@ -686,7 +691,7 @@ class BlobStore:
                                   compatible(d1, prefix)):
             if start and (d1, d2) < start or not compatible(d1 + d2, prefix):
                 continue
-            for blob_id, kind, _, ts, _ in self._leaf_entries(d1, d2, tombstones):
+            for blob_id, kind, _, ts, _, _ in self._leaf_entries(d1, d2, tombstones):
                 if (after and blob_id <= after) or not blob_id.startswith(prefix) \
                         or kind == "tombstone" and not tombstones:
                     continue
@@ -698,11 +703,12 @@ class BlobStore:
 
     def manifests(self, after=None, limit=None):
         """Yield (id, timestamp) of the manifests (live ones: no newer
-        tombstone), in ascending id order, > after.  Only ids with a sidecar
-        are read, found by one scan of each leaf."""
+        tombstone), in ascending id order, > after.  Only leaves whose
+        (cached) summary counts a blob with a sidecar are read, and only
+        those blobs' sidecars."""
         start = shard(after) if after else None
         for d1, d2 in self.leaves(lambda d1: not start or d1 >= start[0]):
-            if start and (d1, d2) < start:
+            if start and (d1, d2) < start or not self._leaf_summary(d1, d2)[5]:
                 continue
             try:
                 fd1 = self._open_dir(self.root_fd, d1)
@@ -713,11 +719,9 @@ class BlobStore:
             except OSError:
                 continue
             try:
-                sidecars = {n[:-5] for n in os.listdir(fd) if n.endswith(".json")}
-                for blob_id, kind, _, ts, _ in self._leaf_entries(d1, d2, True):
-                    if kind == "blob" and blob_id in sidecars and \
-                            (not after or blob_id > after) and \
-                            self._metadata_in(fd, blob_id).get(MANIFEST):
+                for blob_id, kind, _, ts, _, sidecar in self._leaf_entries(d1, d2, True):
+                    if kind == "blob" and sidecar and (not after or blob_id > after) \
+                            and self._metadata_in(fd, blob_id).get(MANIFEST):
                         yield blob_id, ts
                         if limit is not None:
                             limit -= 1
@@ -736,31 +740,33 @@ class BlobStore:
     # and when files are copied in by hand.
 
     def _leaf_summary(self, d1, d2):
-        """(ids, bytes, xor, tombstones, oldest): ids counts blobs and
-        tombstones, xor folds SHA-1s of "<id>" and "<id>.deleted" (so a member
-        with a tombstone differs from one with the blob, or with nothing),
-        oldest is the earliest tombstone's timestamp (0 if a crash left an id
-        with both files), None without either."""
+        """(ids, bytes, xor, tombstones, oldest, sidecars): ids counts blobs
+        and tombstones, xor folds SHA-1s of "<id>" and "<id>.deleted" (so a
+        member with a tombstone differs from one with the blob, or with
+        nothing), oldest is the earliest tombstone's timestamp (0 if a crash
+        left an id with both files), None without either; sidecars counts
+        the blobs with metadata (a manifest among them)."""
         try:
             st = os.stat("%s/%s" % (d1, d2), dir_fd=self.root_fd,
                          follow_symlinks=False)
         except OSError:
-            return (0, 0, 0, 0, None)
+            return (0, 0, 0, 0, None, 0)
         with self._leaves_lock:
             cached = self._leaves.get((d1, d2))
         if cached and cached[0] == st.st_mtime_ns:
             return cached[1:]
-        count = size = xor = tombs = 0
+        count = size = xor = tombs = sidecars = 0
         oldest = None
-        for blob_id, kind, n, ts, both in self._leaf_entries(d1, d2, detail=True):
+        for blob_id, kind, n, ts, both, sidecar in self._leaf_entries(d1, d2, True):
             count += 1
             size += n
             name = blob_id + TOMBSTONE if kind == "tombstone" else blob_id
             xor ^= int.from_bytes(hashlib.sha1(name.encode()).digest(), "big")
+            sidecars += kind == "blob" and sidecar
             if kind == "tombstone" or both:
                 tombs += kind == "tombstone"
                 oldest = min(0 if both else ts, ts if oldest is None else oldest)
-        summary = (count, size, xor, tombs, oldest)
+        summary = (count, size, xor, tombs, oldest, sidecars)
         # A leaf written within the clock's granularity may change again
         # without its mtime moving: don't trust the cache for it yet.
         if time.time() - st.st_mtime_ns / 1e9 > RACY_SECONDS:
@@ -775,7 +781,7 @@ class BlobStore:
         self._warming.wait()
         acc = {}
         for d1, d2 in self.leaves():
-            count, size, xor, tombs, _ = self._leaf_summary(d1, d2)
+            count, size, xor, tombs = self._leaf_summary(d1, d2)[:4]
             c, n, x, t = acc.get(d1, (0, 0, 0, 0))
             acc[d1] = (c + count, n + size, x ^ xor, t + tombs)
         return acc
@@ -814,7 +820,7 @@ class BlobStore:
             oldest = self._leaf_summary(d1, d2)[4]
             if oldest is None or oldest >= cutoff:
                 continue
-            for blob_id, kind, _, ts, both in self._leaf_entries(d1, d2, True):
+            for blob_id, kind, _, ts, both, _ in self._leaf_entries(d1, d2, True):
                 if not both and (kind == "blob" or ts >= cutoff):
                     continue
                 try:

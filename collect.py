@@ -52,12 +52,17 @@ class Collector:
         self.figures = dict.fromkeys(("manifests", "referenced", "collected",
                                       "kept", "missing"), 0)
         self.skipped = None       # why nothing was collected, if so
+        self.original = None      # a Go-original member: no chunks to collect
 
     def run(self):
         """Collect; returns the figures (and sets .skipped if it could not)."""
         try:
             referenced = self.mark()
             chunks = {m: list(self._chunks(m)) for m in self.members}
+        except Original as e:
+            # sos-server stores no chunked object in such a cluster.
+            self.original = str(e)
+            return self.figures
         except (Unreachable, BadManifest) as e:
             self.skipped = str(e)
             log.error("gc skipped: %s", e)
@@ -102,6 +107,8 @@ class Collector:
                 member, "/blobs?manifests=1&after=%s&limit=%d" % (after, PAGE))
             if status != HTTPStatus.OK or not isinstance(page, list):
                 raise Unreachable("%s: manifests answered %s" % (member, status))
+            if not all(isinstance(e, list) and len(e) == 2 for e in page):
+                raise Original(member)      # it ignored ?manifests=1
             yield from (entry[0] for entry in page)
             if len(page) < PAGE:
                 return
@@ -126,3 +133,7 @@ class Collector:
                 log.warning("manifest %s on %s: %s", blob_id, member, e)
         raise BadManifest("no good copy of the manifest %s (run replicate "
                           "--scrub)" % blob_id)
+
+
+class Original(Exception):
+    """A blob-server of the Go original, which lists no manifests."""

@@ -714,6 +714,10 @@ def report(summaries, moves, groups, progress):
 def report_gc(collector):
     """Print what the collection did; returns the exit status it implies."""
     f = collector.figures
+    if collector.original:
+        print("gc: not run: %s is a blob-server of the Go original (large "
+              "uploads are stored whole)" % collector.original)
+        return 0
     if collector.skipped:
         print("gc: skipped: %s" % collector.skipped)
         return 1
