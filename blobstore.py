@@ -710,25 +710,14 @@ class BlobStore:
         for d1, d2 in self.leaves(lambda d1: not start or d1 >= start[0]):
             if start and (d1, d2) < start or not self._leaf_summary(d1, d2)[5]:
                 continue
-            try:
-                fd1 = self._open_dir(self.root_fd, d1)
-                try:
-                    fd = self._open_dir(fd1, d2)
-                finally:
-                    os.close(fd1)
-            except OSError:
-                continue
-            try:
-                for blob_id, kind, _, ts, _, sidecar in self._leaf_entries(d1, d2, True):
-                    if kind == "blob" and sidecar and (not after or blob_id > after) \
-                            and self._metadata_in(fd, blob_id).get(MANIFEST):
-                        yield blob_id, ts
-                        if limit is not None:
-                            limit -= 1
-                            if limit <= 0:
-                                return
-            finally:
-                os.close(fd)
+            for blob_id, kind, _, ts, _, sidecar in self._leaf_entries(d1, d2, True):
+                if kind == "blob" and sidecar and (not after or blob_id > after) \
+                        and self.metadata(blob_id).get(MANIFEST):
+                    yield blob_id, ts
+                    if limit is not None:
+                        limit -= 1
+                        if limit <= 0:
+                            return
 
     def ids(self, after=None, prefix="", limit=None):
         """Yield the ids of blobs in ascending order, > after, with prefix."""
