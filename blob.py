@@ -276,11 +276,46 @@ def resolve_user(spec):
     return uid, gid
 
 
+def preload():
+    """Load now what this process would otherwise load at first use: after
+    the chroot nothing outside the store can be opened, so a module, shared
+    library or time zone file first wanted then is missing for good.
+
+    The stdlib loads some modules lazily, on paths that are rare and must
+    still work: a 500 logs its traceback, and formatting one imports
+    tokenize (through linecache, since Python 3.13; a ModuleNotFoundError
+    there, then again in logging's own error handler, killed the request
+    thread and the client got a dropped connection instead of the 500), ast
+    (the ^^^ under an expression), unicodedata (a line with wide characters)
+    and _suggestions (3.13's "Did you mean").  Those are imported by name;
+    then a real traceback goes through every log handler's formatter, which
+    loads whatever else this Python's formatting needs, and the time zone."""
+    # Imported here, not at the top: this is the one place that states what
+    # the chroot needs beyond the program's own imports.
+    import ast  # noqa: F401
+    import tokenize  # noqa: F401
+    import unicodedata  # noqa: F401
+    try:
+        # glibc dlopens libgcc_s when a thread exits (for unwinding); after the
+        # chroot it couldn't, and the process would abort on its first exit.
+        ctypes.CDLL("libgcc_s.so.1")
+    except OSError:
+        pass
+    try:
+        object().missing      # AttributeError: the kind that looks for a suggestion
+    except AttributeError:
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0,
+                                "preloading", (), sys.exc_info())
+    for handler in logging.getLogger().handlers or [logging.lastResort]:
+        handler.format(record)
+
+
 def drop_privileges(store_dir, uid, gid):
     """chroot into the store and become uid:gid; exits if that fails.
 
-    Everything the process will ever need is loaded before this: after the
-    chroot nothing outside the store can be opened, imported or resolved."""
+    Everything the process will ever need is loaded before this (preload()):
+    after the chroot nothing outside the store can be opened, imported or
+    resolved."""
     st = os.stat(store_dir)
     if (st.st_uid, st.st_gid) != (uid, gid):
         for top, dirs, files in os.walk(store_dir):
@@ -290,12 +325,7 @@ def drop_privileges(store_dir, uid, gid):
     # belongs to uid (made with `install -d -o nobody`): every write needs them.
     for name in (TMP_DIR, QUARANTINE_DIR):
         os.chown(os.path.join(store_dir, name), uid, gid, follow_symlinks=False)
-    try:
-        # glibc dlopens libgcc_s when a thread exits (for unwinding); after the
-        # chroot it couldn't, and the process would abort on its first exit.
-        ctypes.CDLL("libgcc_s.so.1")
-    except OSError:
-        pass
+    preload()
     os.chroot(store_dir)
     os.chdir("/")
     os.setgroups([])

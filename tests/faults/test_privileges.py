@@ -3,15 +3,17 @@
 It binds, chroots into its store and becomes --user (nobody): every uid and
 gid nobody (so setuid(0) can only fail), no supplementary groups, no
 capabilities, its root directory the store.  If the drop cannot be done it
-refuses to start rather than serve as root.
+refuses to start rather than serve as root.  Chrooted, it still answers an
+unexpected error with a logged 500: what that needs was loaded before.
 """
 
+import json
 import os
 import subprocess
 
 import pytest
 
-from support import PYTHON, ROOT
+from support import PYTHON, ROOT, sha1
 
 NOBODY = 65534
 
@@ -51,3 +53,28 @@ def test_a_blob_server_refuses_to_start_when_it_cannot_drop_root(as_root, tmp_pa
     figures.add(20, 1, int(proc.returncode == 0 or served),
                 note="--user %s: exit %d" % (user, proc.returncode))
     assert proc.returncode != 0 and not served, (proc.stdout, proc.stderr)
+
+
+def test_a_chrooted_blob_server_answers_an_unexpected_error_with_500_json_and_logs_it(
+        as_root, procs, figures):
+    """Its blob's file unreadable to nobody (mode 000; root could still read
+    it, the server no longer can), a GET fails in open() with an error the
+    server does not expect.  Logging its traceback needs modules the stdlib
+    imports lazily (tokenize, since 3.13): had they not been loaded before
+    the chroot, the request thread died and the client got no reply at all.
+    """
+    srv = procs.blob()
+    srv.ignore_tracebacks = True          # the 500 is logged with its traceback
+    body = b"a blob its server will not be able to open"
+    blob_id = sha1(body)
+    assert srv.post(blob_id, body)[0] == 200
+    os.chmod(srv.path(blob_id), 0)
+
+    status, headers, reply = srv.get(blob_id)
+    log = srv.log()
+    figures.add(20, 1, int(status != 500), note="unreadable blob: %d" % status)
+    assert (status, headers["content-type"], json.loads(reply)) == (
+        500, "application/json", {"error": "Internal Server Error"})
+    assert "PermissionError: [Errno 13]" in log, log
+    assert "--- Logging error ---" not in log and "ModuleNotFoundError" not in log, log
+    assert srv.alive()
