@@ -4,6 +4,8 @@
 #
 #   make run                    blob-servers on 4001/4002 + sos-server, Ctrl-C stops
 #   make test PYTEST_ARGS='-k blob -x'   or   make test TESTS=tests/test_blob.py
+#   make test PYTHON=python3.13 VENV=.venv-3.13   the suite on another Python
+#                               (.ci/run: python3, 3.11, then the newest one)
 #   make dist                   dist/sos, static, and dist/{blob-server,sos-server,replicate}
 #                               as links to it
 #   make smoke                  those programs, each in an empty chroot
