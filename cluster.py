@@ -582,7 +582,11 @@ class Cluster:
         caller went past (corrupt, cut short) counts as one that could not
         answer: the end is then Unavailable, never a false Missing."""
         unasked, deleted = [], -1
-        for group, _ in self.order(blob_id):
+        groups = [g for g, _ in self.order(blob_id)]
+        # After a miss everywhere, the placement group is asked once more: a
+        # move copies an id there before it removes it elsewhere, so a move
+        # that ran between our asks is found there now.
+        for group in groups + groups[:1] * (len(groups) > 1):
             for member in self.members(blob_id, group):
                 try:
                     reply = self.pool.request(member, "GET" if body else "HEAD",

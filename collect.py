@@ -89,7 +89,8 @@ class Collector:
         referenced = {}
         for blob_id, members in holders.items():
             manifest = self._read(blob_id, members)
-            referenced.update((c, blob_id) for c, _ in manifest.chunks)
+            if manifest:
+                referenced.update((c, blob_id) for c, _ in manifest.chunks)
         self.figures.update(manifests=len(holders), referenced=len(referenced))
         return referenced
 
@@ -121,7 +122,9 @@ class Collector:
                 yield blob_id, ts
 
     def _read(self, blob_id, members):
-        """The manifest of blob_id from the first member with a good copy."""
+        """The manifest of blob_id from the first member with a good copy;
+        None if every member says it is gone (deleted since it was listed)."""
+        gone = 0
         for member in members:
             try:
                 reply = self.rep.pool.request(member, "GET", "/blob/" + blob_id)
@@ -129,8 +132,11 @@ class Collector:
                 reply.close()
                 if reply.status == HTTPStatus.OK:
                     return Manifest.decode(data, blob_id)
+                gone += reply.status == HTTPStatus.NOT_FOUND
             except (OSError, http.client.HTTPException, BadManifest) as e:
                 log.warning("manifest %s on %s: %s", blob_id, member, e)
+        if gone == len(members):
+            return None
         raise BadManifest("no good copy of the manifest %s (run replicate "
                           "--scrub)" % blob_id)
 
