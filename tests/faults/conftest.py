@@ -54,6 +54,13 @@ ROWS = {
     24: "upload/delete race",
     25: "kill -9 mid-delete",
     26: "crash in delete path",
+    27: "rebalance killed mid-move",
+    28: "move, target member down",
+    29: "move, source member down",
+    30: "move racing upload/delete",
+    31: "move into a full group",
+    32: "drain, member down",
+    33: "fetch racing a move",
 }
 
 
