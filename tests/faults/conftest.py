@@ -54,6 +54,13 @@ ROWS = {
     24: "upload/delete race",
     25: "kill -9 mid-delete",
     26: "crash in delete path",
+    27: "kill -9 mid chunked upload",
+    28: "member down/full, chunks",
+    29: "chunk/manifest flipped",
+    30: "delete racing collection",
+    31: "collection racing re-use",
+    32: "scrub of a rotten chunk",
+    33: "chunk sizes and ranges",
 }
 
 

@@ -6,7 +6,10 @@ used up.  The chaos soak runs a whole cluster through kill -9, freezes
 (SIGSTOP: a partition as the sos-server sees it, connections that go
 nowhere), bit flips and a near-full disk while a client uploads and
 fetches, then heals everything, runs replicate --scrub once and checks
-every invariant.
+every invariant.  Uploads above 256 KiB are stored as chunks; the client
+also deletes objects, and replicate collects their chunks (--gc-grace 0s)
+between its operations: the client is the only one, so no upload is in
+flight during a collection (a grace of 0s is not safe against one).
 """
 
 import http.client
@@ -21,13 +24,15 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.errors import NonInteractiveExampleWarning
 
-from support import flip_bit, replicate_process, sha1
+import rules
+from support import flip_bit, get_json, replicate_process, sha1
 
 from .kit import (SOAK_MINUTES, Uploader, check_store, judge, mount_ext4, mutated, responses,
                   stored, umount)
 
 pytestmark = pytest.mark.soak
 
+TOKEN = "soak-delete-token"
 SHARES = {"chaos": 0.55, "kill": 0.2, "round-trip": 0.1, "fuzz": 0.15}
 
 
@@ -55,11 +60,15 @@ def _chaos(procs, figures, rng, disk, end):
     groups = {"g1": [procs.blob("g1-0"), procs.blob("g1-1")],
               "g2": [procs.blob("g2-0"), procs.blob("g2-1", store=disk / "store")]}
     ballast = disk / "ballast"
-    sos = procs.sos(list(groups.items()), "--timeout", "5")
+    token = disk.parent / "delete.token"
+    token.write_text(TOKEN + "\n")
+    sos = procs.sos(list(groups.items()), "--timeout", "5", "--chunk-size", "256K",
+                    "--delete-token", str(token))
     members = [m for ms in groups.values() for m in ms]
-    acknowledged = {}
+    acknowledged, deleted = {}, set()
     counts = dict.fromkeys(("ops", "uploads", "fetches", "kills", "freezes", "flips",
-                            "fills", "I3", "I4", "unanswered", "unavailable"), 0)
+                            "fills", "deletes", "collections", "I3", "I4", "unanswered",
+                            "unavailable"), 0)
     frozen, dead, flipped = {}, {}, set()
     warm_level = warm_rss = None
     warm_at = time.monotonic() + (end - time.monotonic()) * 0.1
@@ -82,8 +91,9 @@ def _chaos(procs, figures, rng, disk, end):
             warm_level, warm_rss = sos.level(), sos.rss()
         r = rng.random()
         up = [m for m in members if m not in frozen and m not in dead]
-        if r < 0.55:
-            body = rng.randbytes(rng.choice((0, 10, 1000, 100000, 1 << 20, 4 << 20)))
+        if r < 0.5:
+            body = rng.randbytes(rng.choice((0, 10, 1000, 100000, 300000, 1 << 20,
+                                             4 << 20)))
             headers = {"X-Soak": str(counts["ops"])}
             counts["uploads"] += 1
             try:
@@ -99,18 +109,36 @@ def _chaos(procs, figures, rng, disk, end):
                 counts["I4"] += got[0] == 200 and got[1] != body
             elif status not in (503, None):
                 counts["I3"] += 1
-        elif r < 0.85 and acknowledged:
+        elif r < 0.78 and acknowledged:
             blob_id = rng.choice(list(acknowledged))
             counts["fetches"] += 1
             status, data = fetch(sos, blob_id)
             counts["I4"] += status == 200 and data != acknowledged[blob_id]
             counts["unavailable"] += status != 200
-        elif r < 0.88 and up:
+        elif r < 0.81 and acknowledged:
+            blob_id = rng.choice(list(acknowledged))
+            counts["deletes"] += 1
+            try:
+                status, _ = get_json(sos.up + "/fetch/" + blob_id, "DELETE", None,
+                                     {"Authorization": "Bearer " + TOKEN}, 60)
+            except (OSError, http.client.HTTPException):
+                status = None          # unknown: neither kept nor gone for sure
+            if status != 503:
+                del acknowledged[blob_id]
+            if status in (200, 202):
+                deleted.add(blob_id)
+        elif r < 0.83:
+            # A collection between the client's operations, members down or
+            # frozen or not (then it collects nothing and says why).
+            replicate_process(sos.config, "--gc-grace", "0s", "--timeout", "5",
+                              timeout=1800)
+            counts["collections"] += 1
+        elif r < 0.86 and up:
             m = rng.choice(up)
             m.kill()
             dead[m] = time.monotonic() + rng.uniform(0, 5)
             counts["kills"] += 1
-        elif r < 0.91:
+        elif r < 0.89:
             if os.path.exists(ballast):
                 os.unlink(ballast)
             else:
@@ -120,7 +148,7 @@ def _chaos(procs, figures, rng, disk, end):
                     with open(ballast, "wb") as f:
                         os.posix_fallocate(f.fileno(), 0, room)
                     counts["fills"] += 1
-        elif r < 0.95 and up:
+        elif r < 0.94 and up:
             m = rng.choice(up)
             os.kill(m.pid, signal.SIGSTOP)
             frozen[m] = time.monotonic() + rng.uniform(0.5, 8)
@@ -143,7 +171,8 @@ def _chaos(procs, figures, rng, disk, end):
     heal(all_=True)
     if os.path.exists(ballast):
         os.unlink(ballast)
-    status, out, err = replicate_process(sos.config, "--scrub", "--scrub-rate", "0", timeout=1800)
+    status, out, err = replicate_process(sos.config, "--scrub", "--scrub-rate", "0",
+                                         "--gc-grace", "0s", timeout=1800)
     lost = corrupt = unsynced = 0
     for name, ms in groups.items():
         ids = [set(stored(m.store)) for m in ms]
@@ -152,26 +181,47 @@ def _chaos(procs, figures, rng, disk, end):
         for m in ms:
             for blob_id, path in stored(m.store).items():
                 with open(path, "rb") as f:
-                    corrupt += sha1(f.read()) != blob_id                     # I1
+                    corrupt += not whole_copy(blob_id, f.read())             # I1
     for blob_id, body in acknowledged.items():
         got = sos.fetch(blob_id)
         lost += got[0] != 200 or got[2] != body                              # I2
+    resurrected = sum(sos.fetch(blob_id)[0] != 404 for blob_id in deleted)
     level, rss = sos.settled(warm_level or sos.level()), sos.rss()
     drift = [
         ("threads", warm_level[0], level[0]), ("fds", warm_level[1], level[1]),
         ("rss", warm_rss, rss)] if warm_level else []
     drifted = [(what, a, b) for what, a, b in drift if b > a * 1.05 + (2 << 20 if what == "rss" else 1)]
+    missing = " 0 MISSING" not in out
     violations = (counts["I3"] + counts["I4"] + counts["unanswered"] + corrupt + unsynced
-                  + len(drifted))
+                  + len(drifted) + resurrected + missing)
     figures.add(21, counts["ops"], violations, lost, rng.seed_value,
                 note="%(uploads)d uploads, %(fetches)d fetches, %(kills)d kills, "
-                "%(freezes)d freezes, %(flips)d flips, %(fills)d disk fills; " % counts
+                "%(freezes)d freezes, %(flips)d flips, %(fills)d disk fills, %(deletes)d "
+                "deletes, %(collections)d collections; " % counts
                 + "%d unsynced after replicate; drift %s" % (unsynced, drift))
     print(counts, out, err[-3000:])
     assert (lost, corrupt, unsynced) == (0, 0, 0), (out, err[-3000:])
     assert counts["I3"] == counts["I4"] == counts["unanswered"] == 0, counts
+    assert resurrected == 0 and not missing, (resurrected, out)
     assert drifted == []
     assert status == 0, (out, err[-3000:])
+
+
+def whole_copy(name, data):
+    """Does a stored file hold what its name says: a chunk (c<sha1>) its
+    bytes, an object its bytes or a manifest that passes its check; a
+    tombstone (<id>.deleted) nothing?"""
+    blob_id, _, suffix = name.partition(".")
+    if suffix:
+        return suffix == "deleted" and data == b""
+    if rules.CHUNK_ID.fullmatch(blob_id):
+        return sha1(data) == blob_id[1:]
+    if sha1(data) == blob_id:
+        return True
+    try:
+        return rules.Manifest.decode(data, blob_id).id == blob_id
+    except rules.BadManifest:
+        return False
 
 
 def fetch(sos, blob_id):
