@@ -29,7 +29,7 @@ from cluster import Group, placement
 from support import (ROOT, Processes, RawConnection, address, flip_bit, get_json, raw_exchange,
                      replicate_process, sha1, wait_for)
 
-from .kit import fuzz_settings, mount_tmpfs, scaled, umount
+from .kit import fuzz_settings, mount_tmpfs, require_tool, scaled, umount
 
 CHUNK = 64 * 1024
 SIZE = "64K"
@@ -300,7 +300,7 @@ def test_deletes_racing_collection_leave_no_error_and_collect_their_chunks(
     for _ in range(2):
         body = shared + rng.randbytes(rng.randrange(1, 2 * CHUNK))
         live[c.sos.upload(body)[1]["id"]] = body
-    deleted = {}
+    deleted, skipped = {}, 0
     for rnd in range(rounds):
         doomed = {}
         for i in range(per_round):
@@ -328,7 +328,9 @@ def test_deletes_racing_collection_leave_no_error_and_collect_their_chunks(
         bad += ["delete %s: %s" % (i, answers.get(i)) for i in doomed
                 if answers.get(i, (None,))[0] != 200]
         out, err = rep.communicate(timeout=120)
-        if rep.returncode != 0 or "skipped" in gc_line(out):
+        if "no good copy of the manifest" in gc_line(out):
+            skipped += 1       # the bug the xfail test below pins down
+        elif rep.returncode != 0 or "skipped" in gc_line(out):
             bad.append("round %d: replicate racing deletes exited %d: %s %s"
                        % (rnd, rep.returncode, gc_line(out), err[-300:]))
         deleted.update(doomed)
@@ -343,12 +345,50 @@ def test_deletes_racing_collection_leave_no_error_and_collect_their_chunks(
     back = [i for i in deleted if fetch(c.sos, i).status != 404]
     figures.add(30, rounds * per_round, len(bad) + len(stale) + len(gone) + len(back),
                 len(lost), rng.seed_value, "%d objects deleted while replicate "
-                "--gc-grace 0s ran" % len(deleted))
+                "--gc-grace 0s ran; %d of %d collections skipped for a manifest deleted "
+                "meanwhile (xfail below)" % (len(deleted), skipped, rounds))
     assert not lost
     assert not back
     assert not gone, "chunks of live objects collected"
     assert not stale, "chunks of deleted objects left after a rerun"
     assert not bad
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "product bug: a manifest deleted between the collection's listing of "
+    "manifests and its reading of them (404 with X-Sos-Deleted on every "
+    "holder) is taken for a corrupt one: collect.Collector._read raises "
+    "BadManifest, the whole collection is skipped ('gc: skipped: no good copy "
+    "of the manifest ... (run replicate --scrub)') and replicate exits 1. "
+    "Safe (nothing is collected) but an error, and the advice is wrong: a "
+    "deleted manifest names no live chunk and should just be left out of the mark"))
+def test_a_manifest_deleted_while_the_collection_reads_manifests_is_no_error(
+        procs, figures, rng, tmp_path):
+    """replicate runs under strace, every sendto delayed 0.3 s, so the
+    delete lands between the mark's last listing and its reading of the
+    manifests (the race of row 30, made certain)."""
+    strace = require_tool("strace", "strace")
+    c = chunked_cluster(procs, tmp_path)
+    body = rng.randbytes(CHUNK + 100)
+    blob_id = c.sos.upload(body)[1]["id"]
+    last = c.members[-1]
+    marks = last.log().count("manifests=1")
+    rep = subprocess.Popen([strace, "-f", "-qq", "-o", os.devnull, "-e", "trace=sendto",
+                            "-e", "inject=sendto:delay_enter=300000", c.sos.argv[0],
+                            os.path.join(ROOT, "replicate.py"), "--config", c.config(),
+                            "--gc-grace", "0s"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: last.log().count("manifests=1") > marks, 120, 0.002,
+                 "the mark's listing of the last member")
+        assert delete(c.sos, blob_id)[0] == 200
+        out, err = rep.communicate(timeout=120)
+    finally:
+        rep.kill()
+    figures.add(30, 1, int(rep.returncode != 0), 0, rng.seed_value,
+                "a delete between the mark's listing and reading: exit %d, %s"
+                % (rep.returncode, gc_line(out)))
+    assert (rep.returncode, "skipped" in gc_line(out)) == (0, False), (out, err[-500:])
 
 
 # --- Row 31: collection racing uploads that re-use chunks ---------------------------
