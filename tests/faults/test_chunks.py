@@ -13,6 +13,11 @@ with real blob.py, sos.py and replicate.py processes:
        everywhere is a cut transfer or 503
     C4 collection removes exactly the chunks no live manifest names and
        that are older than the grace, and a chunk being re-used is kept
+
+Two findings are pinned by strict xfail tests (the reasons say why): a
+collection at --gc-grace 0s removes the chunks of an upload in flight, which
+is then acknowledged and lost (row 31); a manifest deleted while the
+collection reads manifests makes it skip and exit 1 (row 30).
 """
 
 import os
@@ -276,8 +281,8 @@ def test_a_flipped_chunk_or_manifest_is_never_served_nor_followed(procs, figures
         blob_id = c.sos.upload(body)[1]["id"]
         holders = on_disk(c.members, blob_id)
         for i, member in enumerate(holders):
-            flip_bit(member.path(blob_id), rng.randrange(os.path.getsize(member.path(blob_id))),
-                     rng.randrange(8))
+            path = member.path(blob_id)
+            flip_bit(path, rng.randrange(os.path.getsize(path)), rng.randrange(8))
             r = fetch(c.sos, blob_id)
             if i < len(holders) - 1:
                 bad += ["manifest rotten on one member: %s" % w
