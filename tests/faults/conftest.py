@@ -61,6 +61,13 @@ ROWS = {
     31: "move into a full group",
     32: "drain, member down",
     33: "fetch racing a move",
+    34: "kill -9 mid chunked upload",
+    35: "member down/full, chunks",
+    36: "chunk/manifest flipped",
+    37: "delete racing collection",
+    38: "collection racing re-use",
+    39: "scrub of a rotten chunk",
+    40: "chunk sizes and ranges",
 }
 
 

@@ -28,7 +28,6 @@ import subprocess
 import threading
 import time
 
-import pytest
 
 from support import PYTHON, ROOT, get_json, sha1, summary, wait_for
 
@@ -581,9 +580,6 @@ def test_draining_a_group_with_a_member_down_moves_what_it_can_and_empties_after
 
 # --- Row 33: a fetch racing a move ---------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="product bug: Cluster.fetch asks the placement "
-                   "group, then the old group; a whole move (copy into the first, removal "
-                   "from the second, no tombstone) between the two asks makes it 404")
 def test_a_fetch_racing_a_move_of_its_blob_still_finds_it(procs, figures, rng):
     """The sos-server asks the placement group (not there yet: 404), and
     is held up (strace delays its next request) while the whole move runs:

@@ -10,6 +10,10 @@ configuration takes over), and `replicate --rebalance` runs in the
 background now and then, sometimes killed -9 mid-move.  Then it heals
 everything, runs replicate --rebalance --scrub, and checks every
 invariant, and that every blob and tombstone is in its placement group.
+Uploads above 256 KiB are stored as chunks, and replicate collects the
+chunks of deleted objects (--gc-grace 0s) between the client's operations:
+the client is the only one, so no upload is in flight during a collection
+(a grace of 0s is not safe against one).
 """
 
 import http.client
@@ -25,6 +29,7 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.errors import NonInteractiveExampleWarning
 
+import rules
 from support import PYTHON, ROOT, flip_bit, get_json, replicate_process, sha1
 
 from .kit import (SOAK_MINUTES, Uploader, check_store, judge, mount_ext4, mutated, responses,
@@ -65,12 +70,13 @@ def _chaos(procs, figures, rng, disk, end, tmp_path):
     ballast = disk / "ballast"
     token = tmp_path / "delete.token"
     token.write_text(TOKEN + "\n")
-    sos_args = ("--timeout", "5", "--delete-token", str(token))
+    sos_args = ("--timeout", "5", "--delete-token", str(token), "--chunk-size", "256K")
     sos = procs.sos(list(groups.items()), *sos_args)
     members = [m for ms in groups.values() for m in ms]
     acknowledged, deleted = {}, {}      # deleted: {id: how its delete was answered}
     counts = dict.fromkeys(("ops", "uploads", "fetches", "deletes", "kills", "freezes",
-                            "flips", "fills", "rebalances", "rebalances killed", "I3", "I4",
+                            "flips", "fills", "rebalances", "rebalances killed",
+                            "collections", "I3", "I4",
                             "unanswered", "unavailable"), 0)
     frozen, dead, flipped = {}, {}, set()
     warm_level = warm_rss = None
@@ -135,7 +141,8 @@ def _chaos(procs, figures, rng, disk, end, tmp_path):
             elif status not in (503, None):
                 counts["I3"] += 1
         elif r < 0.55:
-            body = rng.randbytes(rng.choice((0, 10, 1000, 100000, 1 << 20, 4 << 20)))
+            body = rng.randbytes(rng.choice((0, 10, 1000, 100000, 300000, 1 << 20,
+                                             4 << 20)))
             headers = {"X-Soak": str(counts["ops"])}
             counts["uploads"] += 1
             try:
@@ -158,6 +165,12 @@ def _chaos(procs, figures, rng, disk, end, tmp_path):
             status, data = fetch(sos, blob_id)
             counts["I4"] += status == 200 and data != acknowledged[blob_id]
             counts["unavailable"] += status != 200
+        elif r < 0.87 and mover is None:
+            # A collection between the client's operations (members down
+            # or frozen: it collects nothing and says why).
+            replicate_process(sos.config, "--gc-grace", "0s", "--timeout", "5",
+                              timeout=1800)
+            counts["collections"] += 1
         elif r < 0.88 and mover and rng.random() < 0.3:
             mover.kill()                   # kill -9 mid-move; a later run resumes
             mover.wait()
@@ -208,7 +221,8 @@ def _chaos(procs, figures, rng, disk, end, tmp_path):
     if os.path.exists(ballast):
         os.unlink(ballast)
     status, out, err = replicate_process(sos.config, "--rebalance", "--scrub",
-                                         "--scrub-rate", "0", timeout=1800)
+                                         "--scrub-rate", "0", "--gc-grace", "0s",
+                                         timeout=1800)
     status, out2, err2 = replicate_process(sos.config, "--rebalance", timeout=1800)
     out, err = out + out2, err + err2
     lost = corrupt = unsynced = resurrected = 0
@@ -226,7 +240,7 @@ def _chaos(procs, figures, rng, disk, end, tmp_path):
                 if blob_id.endswith(".deleted"):
                     continue
                 with open(path, "rb") as f:
-                    corrupt += sha1(f.read()) != blob_id                     # I1
+                    corrupt += not whole_copy(blob_id, f.read())             # I1
     for blob_id, body in acknowledged.items():
         got = sos.fetch(blob_id)
         lost += got[0] != 200 or got[2] != body                              # I2
@@ -242,21 +256,39 @@ def _chaos(procs, figures, rng, disk, end, tmp_path):
         ("threads", warm_level[0], level[0]), ("fds", warm_level[1], level[1]),
         ("rss", warm_rss, rss)] if warm_level else []
     drifted = [(what, a, b) for what, a, b in drift if b > a * 1.05 + (2 << 20 if what == "rss" else 1)]
+    missing = any(line.startswith("gc:") and " 0 MISSING" not in line
+                  for line in out.splitlines())
     violations = (counts["I3"] + counts["I4"] + counts["unanswered"] + corrupt + unsynced
+                  + missing
                   + len(drifted) + resurrected + len(misplaced))
     figures.add(21, counts["ops"], violations, lost + resurrected, rng.seed_value,
                 note="%(uploads)d uploads, %(fetches)d fetches, %(deletes)d deletes, "
                 "%(kills)d kills, %(freezes)d freezes, %(flips)d flips, %(fills)d disk fills, "
-                "a group added, %(rebalances)d rebalances (%(rebalances killed)d killed); "
+                "a group added, %(rebalances)d rebalances (%(rebalances killed)d killed), "
+                "%(collections)d collections; "
                 % counts + "%d unsynced, %d misplaced, %d of %d deletes resurrected after "
                 "replicate; drift %s" % (unsynced, len(misplaced), resurrected, len(deleted),
                                          drift))
     print(counts, out, err[-3000:])
     assert (lost, corrupt, unsynced, resurrected) == (0, 0, 0, 0), (back, out, err[-3000:])
     assert misplaced == [], misplaced[:20]
+    assert not missing, out
     assert counts["I3"] == counts["I4"] == counts["unanswered"] == 0, counts
     assert drifted == []
     assert status == 0, (out, err[-3000:])
+
+
+def whole_copy(name, data):
+    """Does a stored file hold what its name says: a chunk (c<sha1>) its
+    bytes, an object its bytes or a manifest that passes its check?"""
+    if rules.CHUNK_ID.fullmatch(name):
+        return sha1(data) == name[1:]
+    if sha1(data) == name:
+        return True
+    try:
+        return rules.Manifest.decode(data, name).id == name
+    except rules.BadManifest:
+        return False
 
 
 def entries(store):
