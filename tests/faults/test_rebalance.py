@@ -28,7 +28,6 @@ import subprocess
 import threading
 import time
 
-
 from support import PYTHON, ROOT, get_json, sha1, summary, wait_for
 
 from . import kit
