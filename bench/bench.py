@@ -14,6 +14,12 @@ Knobs (environment; `make bench` passes them through):
         sos_groups        sos-server fetch 4 KiB, 8 groups vs 1 group
         blob_list         GET /blobs on a blob-server of BENCH_BLOBS blobs
         replicate         replicate, group of 2 in sync, then 1% missing
+        rebalance         replicate --rebalance after adding a group of 2 to a
+                          group of 2 holding BENCH_REBALANCE_BLOBS blobs of 4 KiB:
+                          moves/s, replicate's peak RSS, and sos-server fetch
+                          p99 while it moves vs while it is stopped (SIGSTOP)
+        rebalance_fetch   after that rebalance, sos-server fetch 4 KiB of the
+                          moved ids vs a cluster never resized (same blobs)
     BENCH_DURATION=10     seconds per wrk run
     BENCH_RUNS=3          runs per measurement, ours and the yardstick in turn;
                           medians reported
@@ -22,6 +28,8 @@ Knobs (environment; `make bench` passes them through):
     BENCH_CONNECTIONS=64  wrk -c     BENCH_THREADS=2   wrk -t
     BENCH_BLOBS=1000000   blobs in the store of blob_list and replicate
     BENCH_MISSING_RUNS=1  runs of replicate with 1% missing (each 30-80 s here)
+    BENCH_REBALANCE_BLOBS=100000  blobs of 4 KiB in the group the rebalance
+                          rows grow (the new group wins about half)
     BENCH_CACHE=/var/tmp/sos-bench-cache   generated files and stores, kept
     BENCH_OUT=BENCHMARKS.md   where the table is appended (a trial run that
                           should leave the repo alone: BENCH_OUT=/tmp/bench.md)
@@ -91,16 +99,19 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from urllib.parse import urlsplit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import mkstore  # noqa: E402
+sys.path.insert(0, REPO)
+from cluster import load_groups, placement  # noqa: E402
 
 ALL_ROWS = ["blob_get_4k", "blob_get_4k_w1", "blob_get_100m", "sos_fetch_4k",
             "sos_upload_4k", "sos_upload_1g", "sos_fetch_1g", "sos_groups",
-            "blob_list", "replicate"]
+            "blob_list", "replicate", "rebalance", "rebalance_fetch"]
 
 PYTHON = os.environ.get("PYTHON") or sys.executable
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
@@ -110,6 +121,7 @@ SEED = int(os.environ.get("BENCH_SEED", "13"))
 WRK_THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 WRK_CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
 BLOBS = int(os.environ.get("BENCH_BLOBS", "1000000"))
+REBALANCE_BLOBS = int(os.environ.get("BENCH_REBALANCE_BLOBS", "100000"))
 MISSING_RUNS = int(os.environ.get("BENCH_MISSING_RUNS", "1"))
 CACHE = os.environ.get("BENCH_CACHE", "/var/tmp/sos-bench-cache")
 ROWS = [r.strip() for r in os.environ.get("BENCH_ROWS", ",".join(ALL_ROWS)).split(",")
@@ -124,6 +136,9 @@ FILES = {"4k": 4096, "100m": 100 << 20, "1g": 1 << 30}
 SMALL = 4096                      # bytes of each of the IDS random-GET blobs
 MB = 1e6                          # MB/s as dd and curl print it
 READY_TIMEOUT = 60.0
+# The rebalance row's fetch windows: while one runs with replicate stopped, a
+# blob-server waits on its half-sent request, and drops it after 10 s.
+REBALANCE_WINDOW = 6
 TICK = os.sysconf("SC_CLK_TCK")
 
 INTRO = """\
@@ -301,14 +316,17 @@ class Result:
         return self
 
 
-def run(argv, timeout=600, env=None):
+def run(argv, timeout=600, env=None, during=None):
     """Run a client to its end: a Result with its peak RSS and CPU time.
 
     The peak is VmHWM polled from /proc while it runs: the kernel's ru_maxrss
     would also count the bench's own memory, which the child shares between
     fork and exec.  The CPU time is that of our reaped children over the run:
     the client alone, as clients run one at a time and servers are reaped
-    only when stopped."""
+    only when stopped.  during(proc), if given, is called once the client
+    has started (to measure something while it runs); as other clients may
+    then run and be reaped, the Result's .ticks (its own CPU clock ticks,
+    polled from /proc like the peak) is the figure to use then."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.monotonic()
@@ -316,6 +334,7 @@ def run(argv, timeout=600, env=None):
                                 cwd=REPO, env=env)
         done = threading.Event()
         peak = [None]
+        ticks = [0]
         want = "\0".join(argv).encode() + b"\0"
 
         def watch():
@@ -329,9 +348,12 @@ def run(argv, timeout=600, env=None):
                 kib = peak_rss_kib(proc.pid)
                 if kib is not None:
                     peak[0] = max(peak[0] or 0, kib)
+                ticks[0] = max(ticks[0], cpu_ticks(proc.pid))
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         try:
+            if during:
+                during(proc)
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
@@ -343,10 +365,12 @@ def run(argv, timeout=600, env=None):
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         out.seek(0)
         err.seek(0)
-        return Result(argv, out.read().decode("utf-8", "replace"),
-                      err.read().decode("utf-8", "replace"), seconds,
-                      peak[0], proc.returncode,
-                      ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime)
+        res = Result(argv, out.read().decode("utf-8", "replace"),
+                     err.read().decode("utf-8", "replace"), seconds,
+                     peak[0], proc.returncode,
+                     ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime)
+        res.ticks = ticks[0]
+        return res
 
 
 def free_port():
@@ -488,17 +512,19 @@ class Bench:
         self.services.append(svc)
         return svc, svc.banner(*patterns)
 
-    def blob_server(self, name, store=None, small=False, args=()):
+    def blob_server(self, name, store=None, small=False, args=(), copy_of=None):
         """Start `python3 blob.py` on port 0; returns its service (.url set).
-        small: its store starts as a hard-linked copy of the random-GET store."""
+        Its store starts as a hard-linked copy of copy_of, or with small of
+        the random-GET store."""
         if store is None:               # a fresh store for every start
             store = os.path.join(self.tmp, name)
             n = 1
             while os.path.exists(store):
                 n += 1
                 store = os.path.join(self.tmp, "%s.%d" % (name, n))
-        if small:
-            subprocess.run(["cp", "-al", self.small_store, store], check=True)
+        copy_of = self.small_store if small else copy_of
+        if copy_of:
+            subprocess.run(["cp", "-al", copy_of, store], check=True)
         prefix = []
         if PROFILE and os.getuid() == 0:
             # py-spy can't read a chrooted process: for a profiling run the
@@ -583,20 +609,26 @@ class Bench:
                 self.ids[name] = hashlib.file_digest(f, "sha1").hexdigest()
 
     def make_small_store(self):
-        """The store of the random GETs: IDS blobs of 4 KiB (bench/mkstore.py
-        --size 4096) and the file of their ids; cached."""
-        path = os.path.join(CACHE, "store-4k-%d" % IDS)
-        self.small_store, self.small_ids = path, path + ".ids"
+        """The store of the random GETs: IDS blobs of 4 KiB; cached."""
+        self.small_store, self.small_ids, made = self.store_4k(IDS)
+        return made
+
+    def store_4k(self, count):
+        """A store of count blobs of 4 KiB (bench/mkstore.py --size 4096) and
+        the file of their ids, blob i's on line i: (path, ids file, how it
+        was made or None if cached)."""
+        path = os.path.join(CACHE, "store-4k-%d" % count)
         if os.path.exists(path + ".ok"):
-            return None
+            return path, path + ".ids", None
         if os.path.exists(path):
             subprocess.run(["rm", "-rf", path], check=True)
-        seconds = mkstore.make_store(path, IDS, self.nobody.pw_name, size=SMALL)
-        with open(self.small_ids, "w") as f:
-            f.writelines(mkstore.blob_id(i, SMALL) + "\n" for i in range(IDS))
+        seconds = mkstore.make_store(path, count, self.nobody.pw_name, size=SMALL)
+        with open(path + ".ids", "w") as f:
+            f.writelines(mkstore.blob_id(i, SMALL) + "\n" for i in range(count))
         open(path + ".ok", "w").close()
-        return "`python3 bench/mkstore.py --blobs %d --size %d --ids %s %s`: %.1f s" % (
-            IDS, SMALL, self.small_ids, path, seconds)
+        return path, path + ".ids", (
+            "`python3 bench/mkstore.py --blobs %d --size %d --ids %s.ids %s`: %.1f s"
+            % (count, SMALL, path, path, seconds))
 
     def store(self, suffix=""):
         """The BLOBS-blob store (suffix "-b": a hard-linked copy); cached,
@@ -620,17 +652,18 @@ class Bench:
 
     # Clients.
 
-    def wrk(self, url, servers, script=None, script_args=(), row=None):
+    def wrk(self, url, servers, script=None, script_args=(), row=None,
+            duration=DURATION):
         """One wrk run against url; servers: the services whose CPU it costs.
         Returns a Load; wrk's errors go to the row's notes."""
         argv = ["wrk", "-t%d" % WRK_THREADS, "-c%d" % WRK_CONNECTIONS,
-                "-d%ds" % DURATION, "--latency", "--timeout", "10s"]
+                "-d%ds" % duration, "--latency", "--timeout", "10s"]
         if script:
             argv += ["-s", os.path.join(HERE, script), url, "--"] + list(script_args)
         else:
             argv += [url]
         before = [s.ticks() for s in servers]
-        res = run(argv, timeout=DURATION + 60)
+        res = run(argv, timeout=duration + 60)
         ticks = [s.ticks() - b for s, b in zip(servers, before)]
         res.check()
         rps = float(re.search(r"Requests/sec:\s+([0-9.]+)", res.out).group(1))
@@ -1145,6 +1178,230 @@ class Bench:
                               [r.failed for r in runs])])
         self.stop(a, b)
 
+    # Rebalance (issue 20): a group of 2 is added to one group of 2 holding
+    # REBALANCE_BLOBS blobs of 4 KiB, and `replicate --rebalance` moves the
+    # ids the new group wins.  Both rows use the same servers when both run.
+
+    def row_rebalance(self):
+        self.rebalance(move=True, fetch="rebalance_fetch" in ROWS)
+
+    def row_rebalance_fetch(self):
+        if "rebalance" not in ROWS:
+            self.rebalance(move=False, fetch=True)
+
+    def rebalance(self, move, fetch):
+        """Start the resized cluster (and, for fetch, one never resized, on
+        the same blobs), rebalance it, check that every blob is where it
+        belongs, and record what was asked."""
+        path, ids_path, made = self.store_4k(REBALANCE_BLOBS)
+        with open(ids_path) as f:
+            ids = f.read().split()
+        old = [self.blob_server("old%d" % i, copy_of=path) for i in (1, 2)]
+        new = [self.blob_server("new%d" % i) for i in (1, 2)]
+        conf = os.path.join(self.tmp, "resized.conf")
+        with open(conf, "w") as f:
+            f.write("[old]\n-: %s\n-: %s\n[new]\n-: %s\n-: %s\n"
+                    % tuple(b.url for b in old + new))
+        groups = load_groups(config=conf)
+        moved = [i for i, blob_id in enumerate(ids)
+                 if placement(blob_id, groups)[0].name == "new"]
+        moved_ids = os.path.join(self.tmp, "moved.ids")
+        with open(moved_ids, "w") as f:
+            f.writelines(ids[i] + "\n" for i in moved)
+        s = self.sos_server("sos-resized", config=conf)
+        resized = [s] + old + new
+        rb = types.SimpleNamespace(path=path, ids_path=ids_path, ids=ids, old=old,
+                                   new=new, conf=conf, moved=moved,
+                                   moved_ids=moved_ids, s=s, resized=resized)
+        rb.notes = ["store: %s blobs of 4 KiB in %s (bench/mkstore.py --size %d; "
+                    "%s); old1 and old2 start as `cp -al` of it, new1 and new2 "
+                    "empty; the new group wins %s of them"
+                    % ("{:,}".format(len(ids)), path, SMALL,
+                       made or "cached from an earlier run", "{:,}".format(len(moved)))]
+        if fetch:
+            rb.never = [self.blob_server("never%d" % i, copy_of=path) for i in (1, 2)]
+            rb.sn = self.sos_server("sos-never-resized", [b.url for b in rb.never])
+        # Every blob-server first summarises the leaves it was started on.
+        settle(resized + (rb.never + [rb.sn] if fetch else []), timeout=600)
+        self.check_4k(ids, moved[:3], s.down + "/fetch/")
+        fetch_moved = lambda svc, servers: self.wrk(
+            svc.down, servers, "get.lua", [moved_ids, "/fetch/", "flat", str(SEED)],
+            row=rb.fetch_row)
+        rb.fetch_row = {}
+        if fetch:
+            rb.before = self.alternate({
+                "never": lambda: fetch_moved(rb.sn, [rb.sn] + rb.never),
+                "resized": lambda: fetch_moved(s, resized)})
+        argv = [PYTHON, "replicate.py", "--config", conf, "--rebalance"]
+        if move:
+            self.rebalance_move(rb, argv)
+        else:
+            rb.res = run(argv, timeout=3600)
+            self.rebalance_check(rb)
+        if fetch:
+            self.check_4k(ids, moved[:3], s.down + "/fetch/")
+            after = self.alternate({
+                "never": lambda: fetch_moved(rb.sn, [rb.sn] + rb.never),
+                "resized": lambda: fetch_moved(s, resized)})
+            before = median(x.value for x in rb.before["resized"]) / median(
+                x.value for x in rb.before["never"])
+            self.record("rebalance_fetch", "sos-server fetch 4 KiB of the %s moved "
+                        "ids after the rebalance vs a cluster never resized (one group "
+                        "of 2, same blobs), %s, bench/get.lua"
+                        % ("{:,}".format(len(moved)), self.wrk_desc()),
+                        after["resized"], "req/s", after["never"], "never resized",
+                        target="≥ 0.90 (within noise)",
+                        met=lambda ratio, cpu: ratio >= 0.9 and rb.ok,
+                        services=resized, base_services=[rb.sn] + rb.never,
+                        commands=[rb.sn.command,
+                                  shlex.join(after["resized"][0].res.argv),
+                                  shlex.join(after["never"][0].res.argv)],
+                        notes=["before the rebalance (the moved ids outside their "
+                               "placement group), the same fetch: %s vs never resized "
+                               "%s, ratio %.2f, p50 / p99 %s vs %s" % (
+                                   figure([x.value for x in rb.before["resized"]],
+                                          "req/s"),
+                                   figure([x.value for x in rb.before["never"]],
+                                          "req/s"), before,
+                                   fmt_latency([x.latency for x in rb.before["resized"]
+                                                if x.latency]),
+                                   fmt_latency([x.latency for x in rb.before["never"]
+                                                if x.latency]))] + rb.check_notes,
+                        row=rb.fetch_row)
+            self.stop(rb.sn, *rb.never)
+        self.stop(s, *old, *new)
+
+    def rebalance_move(self, rb, argv):
+        """Run the rebalance and, meanwhile, RUNS pairs of wrk fetches of all
+        the ids: one with replicate stopped (SIGSTOP: the same cluster, the
+        same moment, nothing moving), one with it moving."""
+        row = {}
+        window = min(DURATION, REBALANCE_WINDOW)
+        fetch_all = lambda: self.wrk(rb.s.down, rb.resized, "get.lua", [
+            rb.ids_path, "/fetch/", "flat", str(SEED)], row=row, duration=window)
+        loads = {"paused": [], "moving": []}
+        mark = {}
+
+        def during(proc):
+            time.sleep(1.0)                 # past the start of its listing
+            paused = 0.0
+            for _ in range(RUNS):
+                t = time.monotonic()
+                proc.send_signal(signal.SIGSTOP)
+                loads["paused"].append(fetch_all())
+                proc.send_signal(signal.SIGCONT)
+                paused += time.monotonic() - t
+                loads["moving"].append(fetch_all())
+                if proc.poll() is not None:
+                    break
+            mark.update(t=time.monotonic(), paused=paused, held=self.held(rb.new[0]),
+                        ticks=sum(b.ticks() for b in rb.old + rb.new))
+
+        res = run(argv, timeout=3600, during=during)
+        end = time.monotonic()
+        ticks = sum(b.ticks() for b in rb.old + rb.new) - mark["ticks"]
+        rb.res = res
+        self.rebalance_check(rb)
+        summary = self.rebalance_summary(res)
+        sync_s = sum(g["seconds"] for g in summary["sync"].values())
+        moved_out = summary["moves"]["old"]["moved_out"]
+        # Moves per second with nothing else running: from the end of the
+        # fetch windows to the end of the moves (replicate's closing sync
+        # of each group, whose seconds it reports, left out).
+        alone_n = moved_out - mark["held"]
+        alone_s = end - mark["t"] - sync_s
+        alone = alone_n / alone_s if alone_s > 0 and alone_n > 0 else 0.0
+        overall = moved_out / (res.seconds - mark["paused"])
+        still = mark["held"] < len(rb.moved)
+        rss = res.maxrss
+        p99 = {k: median(x.latency[1] for x in v if x.latency) for k, v in loads.items()}
+        p99_ratio = p99["moving"] / p99["paused"]
+        cmd = [s.command for s in rb.old + rb.new[:1]] + \
+            ["cat %s   # [old] -: old1 URL, -: old2 URL; [new] -: new1, -: new2"
+             % rb.conf, rb.s.command, shlex.join(argv)]
+        common = ["replicate: exit status %d, %.1f s in all, of which %.1f s stopped "
+                  "(SIGSTOP) for the paused fetch windows and %.1f s the closing sync "
+                  "of both groups; %s blobs moved out of old, %d failed, %d left; "
+                  "replicate's own CPU: %s per move" % (
+                      res.status, res.seconds, mark["paused"], sync_s,
+                      "{:,}".format(moved_out), summary["moves"]["old"]["failed"],
+                      summary["moves"]["old"]["left"],
+                      fmt_cpu(res.ticks / TICK / max(moved_out, 1) * 1e6))]
+        # One "request" per move; its server CPU is the four blob-servers'.
+        load = Load(res, alone, max(alone_n, 1), [], [])
+        load.cpu = ticks / TICK
+        self.record("rebalance", "replicate --rebalance (default flags) after adding "
+                    "a group of 2 to a group of 2 holding %s blobs of 4 KiB: moves/s "
+                    "with nothing else running (from the end of the fetch windows "
+                    "below to the end of the moves)" % "{:,}".format(len(rb.ids)),
+                    [load], "moves/s", target="≥ 500 moves/s; replicate ≤ 64 MiB",
+                    met=alone >= 500 and rss is not None and rss < 64 * 1024 and rb.ok,
+                    services=rb.old + rb.new, clients=[res], commands=cmd,
+                    notes=common + [
+                        "over the whole run (fetch windows included, stopped time "
+                        "not): %s moves/s" % fmt(overall, "req/s"),
+                        "alone: %s moves in %.1f s; server CPU/req = the four "
+                        "blob-servers' CPU over that time (closing sync included) per "
+                        "move" % ("{:,}".format(alone_n), alone_s),
+                        "peak RSS of replicate: %s MiB" % mib(rss)] + rb.notes
+                    + rb.check_notes)
+        self.record("rebalance", "sos-server fetch 4 KiB of all %s ids (bench/get.lua, "
+                    "wrk -t%d -c%d -d%ds) while the rebalance moves vs while its "
+                    "replicate is stopped (SIGSTOP), runs alternating; target on p99"
+                    % ("{:,}".format(len(rb.ids)), WRK_THREADS, WRK_CONNECTIONS,
+                       window), loads["moving"], "req/s", loads["paused"],
+                    "stopped", target="p99 ≤ 3x stopped's",
+                    met=p99_ratio <= 3 and still, services=rb.resized,
+                    commands=[shlex.join(loads["moving"][0].res.argv)],
+                    notes=["p99 moving / stopped: %.2f; the new group held %s of the "
+                           "%s moved blobs after the last window (moves still under "
+                           "way: %s)" % (p99_ratio, "{:,}".format(mark["held"]),
+                                         "{:,}".format(len(rb.moved)),
+                                         "yes" if still else "**no**"),
+                           "windows of %d s (not BENCH_DURATION): a blob-server drops "
+                           "a request it has waited 10 s on" % window], row=row)
+
+    @staticmethod
+    def held(b):
+        """Blobs a blob-server holds (its /stats)."""
+        status, body = request(b.url + "/stats")
+        if status != 200:
+            raise RuntimeError("%s/stats: %s" % (b.url, status))
+        return json.loads(body)["blobs"]
+
+    @staticmethod
+    def rebalance_summary(res):
+        """replicate's two tables: {"sync": {group: {...}}, "moves": {...}}."""
+        out = {"sync": {}, "moves": {}}
+        for m in re.finditer(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)"
+                             r"(?:\s+(\d+\.\d+))?$", res.out, re.M):
+            if m.group(7) is not None:
+                out["sync"][m.group(1)] = {"seconds": float(m.group(7))}
+            else:
+                out["moves"][m.group(1)] = dict(zip(
+                    ("moved_in", "moved_out", "bytes", "failed", "left"),
+                    map(int, m.groups()[1:6])))
+        if "old" not in out["moves"]:
+            raise RuntimeError("replicate said:\n%s%s" % (res.out, res.err))
+        return out
+
+    def rebalance_check(self, rb):
+        """Every blob where it belongs, on both members, and nowhere else."""
+        held = {b.name: self.held(b) for b in rb.old + rb.new}
+        want = {"old1": len(rb.ids) - len(rb.moved), "old2": len(rb.ids) - len(rb.moved),
+                "new1": len(rb.moved), "new2": len(rb.moved)}
+        rb.ok = held == want and rb.res.status == 0
+        rb.check_notes = ["after the rebalance the members hold %s (placement says "
+                          "%s); replicate exited %d" % (held, want, rb.res.status)]
+
+    def check_4k(self, ids, which, base):
+        """The blobs ids[i] for i in which are served whole by base + id."""
+        for i in which:
+            status, body = request(base + ids[i])
+            if status != 200 or body != mkstore.blob_body(i, SMALL):
+                raise RuntimeError("GET %s%s: %s, %d bytes" % (base, ids[i], status,
+                                                               len(body)))
+
     def put_blob(self, url, name):
         with open(self.files[name], "rb") as f:
             status, body = request("%s/blob/%s" % (url, self.ids[name]), "POST", f,
@@ -1188,6 +1445,8 @@ class Bench:
             knobs.append(("BENCH_BLOBS", BLOBS))
         if "replicate" in ROWS and MISSING_RUNS != 1:
             knobs.append(("BENCH_MISSING_RUNS", MISSING_RUNS))
+        if set(ROWS) & {"rebalance", "rebalance_fetch"} and REBALANCE_BLOBS != 100000:
+            knobs.append(("BENCH_REBALANCE_BLOBS", REBALANCE_BLOBS))
         for name, value, default in (("BENCH_IDS", IDS, 2048), ("BENCH_SEED", SEED, 13),
                                      ("BENCH_THREADS", WRK_THREADS, 2),
                                      ("BENCH_CONNECTIONS", WRK_CONNECTIONS, 64)):
@@ -1255,6 +1514,10 @@ class Bench:
                 _, made = self.store(suffix)
                 if made:
                     self.notes.append("made " + made)
+        if {"rebalance", "rebalance_fetch"} & set(ROWS):
+            _, _, made = self.store_4k(REBALANCE_BLOBS)
+            if made:
+                self.notes.append("made " + made)
         self.nginx()
         for name in ALL_ROWS:
             if name == "sos_fetch_1g" and "sos_upload_1g" in ROWS:
