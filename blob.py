@@ -30,12 +30,15 @@ api-server and replicate work against this server unchanged:
     (A write's X-Sos-Timestamp may be at most 300 s ahead of this server's
     clock: 400 otherwise.)
     GET  /blobs               JSON array of every id, streamed; sorted, with
-                              ?after=ID&limit=N paging and ?prefix=P;
+                              ?after=ID&limit=N paging and ?prefix=P (given
+                              again: ids with any of them);
                               ?state=1: [id, timestamp, "blob"|"tombstone"];
                               ?manifests=1: [id, timestamp] of manifests
     GET  /stats               JSON: blobs, bytes, tombstones, disk free, total
     GET  /digests             JSON {bucket: digest} of the ids per two-letter
-                              bucket, so replicate lists only what differs
+                              bucket, so replicate lists only what differs;
+                              ?bucket=B: {leaf: digest} per four-letter leaf
+                              of bucket B
     POST /verify/<id>         re-hash a stored blob; a copy whose bytes no
                               longer match its id is moved to .quarantine/
 
@@ -57,6 +60,7 @@ import grp
 import logging
 import os
 import pwd
+import re
 import sys
 import threading
 import time
@@ -73,6 +77,7 @@ from process import (ArgumentParser, add_server_args, parse_age, parse_size,
 
 DEFAULT_PORT = 3001
 DEFAULT_RECLAIM_AGE = "7d"
+BUCKET_RE = re.compile(r"[a-z0-9-]{2}")    # a digest's bucket: an id's d1
 MAX_CLOCK_AHEAD = 300     # seconds a write's X-Sos-Timestamp may be ahead
 
 log = logging.getLogger("blob")
@@ -195,12 +200,17 @@ class BlobHandler(Handler):
     def do_list(self):
         p = self.params()
         after = p.get("after") or None
-        prefix = p.get("prefix", "")
+        # Several prefixes: ids starting with any (replicate's differing leaves).
+        prefix = tuple(self.param_list("prefix")) or ""
+        if len(prefix) == 1:
+            prefix = prefix[0]
         try:
             limit = int(p["limit"]) if "limit" in p else None
         except ValueError:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "bad limit") from None
-        if (after and not valid_id(after)) or (prefix and not valid_id(prefix)):
+        if (after and not valid_id(after)) or any(
+                x and not valid_id(x) for x in (prefix if isinstance(prefix, tuple)
+                                                else (prefix,))):
             raise HTTPError(HTTPStatus.BAD_REQUEST, "bad after or prefix")
         # Streamed: the listing holds whatever the store holds, in constant
         # memory, and is still one JSON array for the Go original's replicate.
@@ -219,7 +229,10 @@ class BlobHandler(Handler):
         self.send_json(HTTPStatus.OK, self.server.store.stats())
 
     def do_digests(self):
-        self.send_json(HTTPStatus.OK, self.server.store.digests())
+        bucket = self.params().get("bucket")
+        if bucket is not None and not BUCKET_RE.fullmatch(bucket):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "bad bucket")
+        self.send_json(HTTPStatus.OK, self.server.store.digests(bucket))
 
     def do_metrics(self):
         st = self.server.store.stats()
@@ -402,7 +415,9 @@ def main(argv=None):
         threading.Thread(target=store.warm, daemon=True).start()
         threading.Thread(target=store.reclaim_forever, args=(args.reclaim_age,),
                          daemon=True).start()
-    sys.exit(serve_workers([[w] for w in workers], background, args.pin))
+    code = serve_workers([[w] for w in workers], background, args.pin)
+    store.save_summaries()      # the next start reads only what changed since
+    sys.exit(code)
 
 
 if __name__ == "__main__":

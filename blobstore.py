@@ -52,6 +52,9 @@ META_CACHE = 8192         # blobs whose metadata (or its absence) is remembered
 NO_META = types.MappingProxyType({})   # no metadata, shared, read-only
 TOMBSTONE = ".deleted"    # <id>.deleted: the id was deleted at the file's mtime
 MANIFEST = "X-Sos-Manifest"   # in a sidecar: the blob is a manifest of this size
+SUMMARIES = ".summaries"  # the leaf summaries, kept across restarts (a cache)
+SUMMARIES_HEAD = b"sos leaf summaries 1\n"
+SUMMARIES_MAX = 64 << 20  # bytes: 65,536 leaves take about 5 MiB
 
 log = logging.getLogger("blobstore")
 
@@ -682,17 +685,25 @@ class BlobStore:
 
     def entries(self, after=None, prefix="", limit=None, tombstones=False):
         """Yield (id, timestamp, kind) in ascending id order, > after,
-        starting with prefix: the blobs, and with tombstones the tombstones
-        too (kind "blob" or "tombstone"); timestamps only with tombstones."""
+        starting with prefix (or any of a tuple of prefixes): the blobs, and
+        with tombstones the tombstones too (kind "blob" or "tombstone");
+        timestamps only with tombstones."""
         if limit is not None and limit <= 0:
             return
+        prefixes = prefix if isinstance(prefix, tuple) else (prefix,)
         start = shard(after) if after else None
-        for d1, d2 in self.leaves(lambda d1: (not start or d1 >= start[0]) and
-                                  compatible(d1, prefix)):
-            if start and (d1, d2) < start or not compatible(d1 + d2, prefix):
+        if all(len(p) >= 4 for p in prefixes):
+            # Each names its leaf: no need to walk the tree to find them.
+            leaves = sorted({shard(p) for p in prefixes})
+        else:
+            leaves = self.leaves(lambda d1: (not start or d1 >= start[0]) and
+                                 any(compatible(d1, p) for p in prefixes))
+        for d1, d2 in leaves:
+            if start and (d1, d2) < start or \
+                    not any(compatible(d1 + d2, p) for p in prefixes):
                 continue
             for blob_id, kind, _, ts, _, _ in self._leaf_entries(d1, d2, tombstones):
-                if (after and blob_id <= after) or not blob_id.startswith(prefix) \
+                if (after and blob_id <= after) or not blob_id.startswith(prefixes) \
                         or kind == "tombstone" and not tombstones:
                     continue
                 yield blob_id, ts, kind
@@ -775,13 +786,22 @@ class BlobStore:
             acc[d1] = (c + count, n + size, x ^ xor, t + tombs)
         return acc
 
-    def digests(self):
-        """{bucket: "count-xorhex"} per first-level directory (two chars).
+    def digests(self, bucket=None):
+        """{bucket: "count-xorhex"} per first-level directory (two chars);
+        with bucket, per leaf under it: {"<d1><d2>": "count-xorhex"}.
 
         Equal digests mean equal sets of ids and tombstones, with
         overwhelming probability."""
-        return {d1: "%d-%040x" % (count, xor)
-                for d1, (count, _, xor, _) in self._buckets().items() if count}
+        if bucket is None:
+            return {d1: "%d-%040x" % (count, xor)
+                    for d1, (count, _, xor, _) in self._buckets().items() if count}
+        self._warming.wait()
+        out = {}
+        for d1, d2 in self.leaves(lambda d1: d1 == bucket):
+            count, _, xor = self._leaf_summary(d1, d2)[:3]
+            if count:
+                out[d1 + d2] = "%d-%040x" % (count, xor)
+        return out
 
     def stats(self):
         """Blob and tombstone counts, bytes stored, disk free/total in bytes."""
@@ -868,11 +888,75 @@ class BlobStore:
         return removed, migrated
 
     def warm(self):
-        """Compute every leaf's summary once, so /digests answers fast.
-        Summaries asked for meanwhile wait for it rather than redo its work."""
+        """Compute every leaf's summary once, so /digests answers fast, and
+        save them (save_summaries).  Summaries asked for meanwhile wait for
+        it rather than redo its work.  Those saved by the last run are
+        taken first: only leaves changed since are read."""
         self._warming.clear()
         try:
+            self.load_summaries()
             for d1, d2 in self.leaves():
                 self._leaf_summary(d1, d2)
         finally:
             self._warming.set()
+        self.save_summaries()
+
+    # A restart used to read every file of the store again (a stat and a
+    # SHA-1 per id: 8 s for a million blobs, in each worker) before it could
+    # answer /digests.  The summaries are saved instead, and an entry is
+    # trusted on the same terms as in memory: only while its leaf's mtime is
+    # the one it was computed at (every create, rename and unlink in a leaf
+    # moves it), and never for a leaf changed within RACY_SECONDS of the
+    # computation.  So a stale, lost or torn file costs time, never a wrong
+    # digest, and it needs no fsync.
+
+    def save_summaries(self):
+        """Write the leaf summaries known now to SUMMARIES, replacing it
+        atomically; an OSError (a full disk) is logged, not raised."""
+        with self._leaves_lock:
+            leaves = sorted(self._leaves.items())
+        lines = [SUMMARIES_HEAD] + [
+            ("%s%s %d %d %d %x %d %s %d\n" % (
+                d1, d2, mtime, count, size, xor, tombs,
+                "-" if oldest is None else oldest, sidecars)).encode()
+            for (d1, d2), (mtime, count, size, xor, tombs, oldest, sidecars) in leaves]
+        try:
+            name, fd = self._temp()
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.writelines(lines)
+                os.rename(name, SUMMARIES, src_dir_fd=self.tmp_fd,
+                          dst_dir_fd=self.root_fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=self.tmp_fd)
+                raise
+        except OSError as e:
+            log.warning("cannot save the leaf summaries: %s", e)
+
+    def load_summaries(self):
+        """Take the summaries of SUMMARIES for leaves not summarised yet;
+        returns how many.  A missing or unreadable file counts as empty."""
+        try:
+            fd = os.open(SUMMARIES, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=self.root_fd)
+        except OSError:
+            return 0
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(SUMMARIES_MAX + 1)
+        if not data.startswith(SUMMARIES_HEAD) or len(data) > SUMMARIES_MAX:
+            return 0
+        loaded = {}
+        for line in data[len(SUMMARIES_HEAD):].splitlines():
+            try:
+                leaf, mtime, count, size, xor, tombs, oldest, sidecars = \
+                    line.decode().split()
+                loaded[(leaf[:2], leaf[2:])] = (
+                    int(mtime), int(count), int(size), int(xor, 16), int(tombs),
+                    None if oldest == "-" else int(oldest), int(sidecars))
+            except ValueError:
+                continue              # a torn line: that leaf is read again
+        with self._leaves_lock:
+            for key, value in loaded.items():
+                self._leaves.setdefault(key, value)
+        return len(loaded)

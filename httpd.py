@@ -331,6 +331,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Query parameters as {name: last value}."""
         return {k: v[-1] for k, v in parse_qs(self.query).items()}
 
+    def param_list(self, name):
+        """Every value of a query parameter given once or more, in order."""
+        return parse_qs(self.query).get(name, [])
+
     # Request bodies.
 
     def body_length(self):

@@ -41,10 +41,13 @@ Exit status: 0 every group in sync; 1 some copies failed or a member was
 unreachable (the rest still synced); 2 usage or configuration error.
 """
 
+import bisect
 import heapq
 import http.client
+import itertools
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -61,6 +64,11 @@ from process import ArgumentParser, parse_age, read_token, setup_logging
 
 PAGE = 10000
 DEFAULT_GC_GRACE = "1d"
+# A bucket whose digests differ is listed leaf by leaf (those that differ,
+# in one request) when at most this many of its 256 leaves differ.
+NARROW_MAX = 64
+LEAF_RE = re.compile(r"[a-z0-9]{4}")
+SMALL_COPY = 64 * 1024    # bytes: a copy this small is read whole, then sent
 
 log = logging.getLogger("replicate")
 
@@ -185,46 +193,106 @@ class Replicator:
                         if len({d.get(b) for d in digests}) > 1)
         return reachable, differ, errors
 
-    def states(self, member, prefix=""):
-        """Yield (id, timestamp, kind) of member's blobs and tombstones with
-        prefix, ascending; a member without states (the Go original, or an
-        older blob-server) lists its blobs, as written at time 0."""
+    def narrow(self, members, bucket):
+        """The prefixes to list for a bucket whose digests differ: the
+        leaves whose digests differ (GET /digests?bucket=), or the bucket's
+        own prefix when too many do, or a member can't tell (an older
+        blob-server answers with its buckets)."""
+        whole = (bucket.rstrip("-"),)
+        leaves = []
+        for m in members:
+            status, body = self.get_json(m, "/digests?bucket=" + bucket)
+            if status != HTTPStatus.OK or not isinstance(body, dict) or not all(
+                    isinstance(k, str) and k[:2] == bucket and len(k) == 4
+                    for k in body):
+                return whole
+            leaves.append(body)
+        differ = sorted(k for k in set().union(*leaves)
+                        if len({d.get(k) for d in leaves}) > 1)
+        if len(differ) > NARROW_MAX or not all(LEAF_RE.fullmatch(k) for k in differ):
+            return whole                # a short id's padded leaf: the bucket
+        return tuple(differ)
+
+    def pages(self, member, prefixes=("",)):
+        """Yield lists of (id, timestamp, kind) of member's blobs and
+        tombstones starting with any of prefixes, ascending, a page at a
+        time; a member without states (the Go original, or an older
+        blob-server) lists its blobs, as written at time 0."""
         after = ""
+        query = "&".join("prefix=%s" % p for p in prefixes)
         while True:
-            status, page = self.get_json(member, "/blobs?state=1&prefix=%s&after=%s"
-                                          "&limit=%d" % (prefix, after, PAGE))
+            status, page = self.get_json(member, "/blobs?state=1&%s&after=%s"
+                                         "&limit=%d" % (query, after, PAGE))
             if status != HTTPStatus.OK or not isinstance(page, list) or not all(
-                    isinstance(e, list) and len(e) == 3 and isinstance(e[1], int)
-                    and e[2] in ("blob", "tombstone") for e in page):
+                    isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
+                    and isinstance(e[1], int) and e[2] in ("blob", "tombstone")
+                    for e in page):
                 if after:
                     raise Unreachable("%s: /blobs?state=1 stopped answering" % member)
-                yield from ((blob_id, 0, "blob") for blob_id in self.ids(member, prefix))
+                ids = self.ids(member, prefixes[0])
+                while batch := list(itertools.islice(ids, PAGE)):
+                    yield [(blob_id, 0, "blob") for blob_id in batch]
                 return
-            yield from map(tuple, page)
+            if page:
+                yield list(map(tuple, page))
             if len(page) < PAGE:
                 return
             after = page[-1][0]
 
+    def states(self, member, prefix=""):
+        """Yield (id, timestamp, kind) of member's ids with prefix, ascending
+        (see pages)."""
+        for page in self.pages(member, (prefix,)):
+            yield from page
+
     def differences(self, members, prefixes):
         """Yield (blob_id, action, target, source list or timestamp): what
-        brings the members to every id's newest state, by merging sorted
-        listings."""
+        brings the members to every id's newest state, from their sorted
+        listings, a range of ids at a time (ranges).  Most ids are listed
+        alike by every member and need nothing: they are told apart from the
+        rest by set operations, and only the rest is looked at id by id
+        (comparing a million ids one by one cost more CPU than listing them)."""
         buckets = prefixes if prefixes is not None else [None]
         for n, bucket in enumerate(buckets):
-            prefix = (bucket or "").rstrip("-")
-            streams = [self.tagged(m, prefix) for m in members]
-            current, states = None, {}
-            for blob_id, member, ts, kind in heapq.merge(*streams):
-                if bucket and shard(blob_id)[0] != bucket:
-                    continue            # a short prefix also lists other buckets
-                if blob_id != current:
-                    if current is not None:
-                        yield from self._actions(current, states, members)
-                    current, states = blob_id, {}
-                states[member] = (ts, kind == "tombstone")
-            if current is not None:
-                yield from self._actions(current, states, members)
+            listed = self.narrow(members, bucket) if bucket else ("",)
+            for chunk in self.ranges(members, listed):
+                if bucket and len(listed[0]) < 2:
+                    # A short prefix also lists other buckets.
+                    chunk = {m: [e for e in entries if shard(e[0])[0] == bucket]
+                             for m, entries in chunk.items()}
+                sets = [set(entries) for entries in chunk.values()]
+                alike = set.intersection(*sets)
+                states = {}
+                for member, entries in zip(chunk, sets):
+                    for blob_id, ts, kind in entries - alike:
+                        states.setdefault(blob_id, {})[member] = (ts, kind == "tombstone")
+                self.progress.add(examined=len(alike) + len(states))
+                for blob_id in sorted(states):
+                    yield from self._actions(blob_id, states[blob_id], members)
             self.progress.fraction = (n + 1) / len(buckets)
+
+    def ranges(self, members, prefixes):
+        """Yield {member: [(id, timestamp, kind)]}, each holding every
+        member's entries (with any of prefixes) of one range of ids, ranges
+        ascending: at most a page per member is held at a time."""
+        streams = {m: self.pages(m, prefixes) for m in members}
+        held = {m: [] for m in members}
+        while streams or any(held.values()):
+            for m in list(streams):
+                if not held[m]:
+                    held[m] = next(streams[m], None)
+                    if held[m] is None:
+                        held[m] = []
+                        del streams[m]        # listed to its end
+            # Every entry up to the lowest last id held of a member still
+            # listing is held: later pages hold only higher ids.
+            bound = min((held[m][-1][0] for m in streams), default=None)
+            chunk = {}
+            for m in members:
+                cut = len(held[m]) if bound is None else bisect.bisect_right(
+                    held[m], (bound, math.inf))
+                chunk[m], held[m] = held[m][:cut], held[m][cut:]
+            yield chunk
 
     def tagged(self, member, prefix):
         for blob_id, ts, kind in self.states(member, prefix):
@@ -233,7 +301,6 @@ class Replicator:
     def _actions(self, blob_id, states, members):
         """states is {member: (timestamp, is tombstone)}: the newest wins,
         the tombstone on a tie."""
-        self.progress.add(examined=1)
         ts, deleted = max(states.values())
         for m in members:
             if deleted and not states.get(m, (0, False))[1]:
@@ -279,7 +346,12 @@ class Replicator:
                     headers["Content-Length"] = length
                 else:
                     headers["Transfer-Encoding"] = "chunked"
-                body = iter(lambda: reply.read(CHUNK), b"")
+                if length is not None and int(length) <= SMALL_COPY:
+                    # As bytes it can go on a kept-alive connection; a stream
+                    # takes a new one (a connect and a server thread a copy).
+                    body = reply.read()
+                else:
+                    body = iter(lambda: reply.read(CHUNK), b"")
                 if length is None:
                     body = chunked(body)
                 out = self.pool.request(target, "POST", "/blob/" + blob_id,

@@ -542,6 +542,63 @@ def test_digests_change_with_ids_and_equal_id_sets_give_equal_digests(blob_serve
     assert "bb" not in db2 and db2 != da        # an emptied bucket vanishes
 
 
+def test_digests_of_a_bucket_are_per_leaf_and_listings_take_several_prefixes(
+        blob_server):
+    srv = blob_server()
+    for blob_id in ("aa11", "aa12x", "aa12y", "aa21", "bb11"):
+        assert request(srv.url + "/blob/" + blob_id, "POST", b"x")[0] == 200
+    status, leaves = get_json(srv.url + "/digests?bucket=aa")
+    assert status == 200 and set(leaves) == {"aa11", "aa12", "aa21"}
+    assert leaves["aa12"].startswith("2-") and leaves["aa11"].startswith("1-")
+    assert get_json(srv.url + "/digests?bucket=zz") == (200, {})
+    assert get_json(srv.url + "/digests?bucket=a/")[0] == 400
+    both = "/blobs?prefix=aa21&prefix=aa12"
+    assert get_json(srv.url + both)[1] == ["aa12x", "aa12y", "aa21"]
+    assert get_json(srv.url + both + "&after=aa12x&limit=1")[1] == ["aa12y"]
+    states = get_json(srv.url + both + "&state=1")[1]
+    assert [e[0] for e in states] == ["aa12x", "aa12y", "aa21"]
+    assert get_json(srv.url + "/blobs?prefix=aa&prefix=b")[1] == \
+        ["aa11", "aa12x", "aa12y", "aa21", "bb11"]
+    assert get_json(srv.url + "/blobs?prefix=aa1&prefix=A")[0] == 400
+
+
+def test_a_restart_takes_saved_leaf_summaries_and_rereads_only_changed_leaves(tmp_path):
+    root = str(tmp_path / "store")
+    store = blobstore.BlobStore(root)
+    for i in range(40):
+        store.put("id%d" % i, [b"x" * i])
+    past = 1_000_000_000 * 10**9     # leaves changed long ago: not racy
+    for d1, d2 in store.leaves():
+        os.utime(os.path.join(root, d1, d2), ns=(past, past))
+    store.warm()                        # summarises every leaf and saves them
+    leaves = len(list(store.leaves()))
+    store.close()
+    os.unlink(blob_path(root, "id7"))   # while it is down, one leaf changes
+    again = blobstore.BlobStore(root)
+    assert again.load_summaries() == leaves
+    again.warm()
+    fresh_root = str(tmp_path / "fresh")
+    fresh = blobstore.BlobStore(fresh_root)
+    for i in range(40):
+        if i != 7:
+            fresh.put("id%d" % i, [b"x" * i])
+    assert again.digests() == fresh.digests()
+    assert again.stats()["blobs"] == 39
+    assert again.stats()["bytes"] == sum(range(40)) - 7
+
+
+@pytest.mark.parametrize("text", [b"", b"garbage\n", b"sos leaf summaries 1\nid 1 2\n",
+                                  b"sos leaf summaries 1\nid0- x 1 2 3 4 -\n"])
+def test_an_unreadable_summaries_file_is_read_as_none(tmp_path, text):
+    root = str(tmp_path / "store")
+    store = blobstore.BlobStore(root)
+    store.put("id0", [b"abc"])
+    with open(os.path.join(root, blobstore.SUMMARIES), "wb") as f:
+        f.write(text)
+    assert store.load_summaries() == 0
+    assert store.stats()["blobs"] == 1 and store.stats()["bytes"] == 3
+
+
 # --- verification ----------------------------------------------------------------
 
 def test_verify_reports_ok_for_a_clean_content_blob(blob_server):
@@ -887,7 +944,8 @@ def test_flat_go_store_is_served_after_start(blob_process, tmp_path):
             assert headers["content-type"] == meta["X-Mime-Type"]
         assert os.path.exists(blob_path(store, blob_id))
     assert list_ids(proc.url) == sorted(flat)
-    assert [n for n in os.listdir(store) if os.path.isfile(store / n)] == []
+    assert [n for n in os.listdir(store) if os.path.isfile(store / n)
+            and n != blobstore.SUMMARIES] == []
     assert get_json(proc.url + "/stats")[1]["blobs"] == len(flat)
 
 
