@@ -13,9 +13,10 @@ systemd timer in packaging/:
 
 How it scales: each blob-server keeps a digest of its ids per two-letter
 bucket (GET /digests).  Members whose digests agree are in sync and are not
-listed at all; for a bucket that differs, their sorted, paged listings
-(GET /blobs?prefix=&after=&limit=) are merged as streams, so memory stays
-bounded whatever the count.  Against a blob-server of the Go original (no
+listed at all; for a bucket that differs, the digests of its 256 leaves
+(GET /digests?bucket=) say which leaves to list, and their sorted, paged
+listings (GET /blobs?prefix=&after=&limit=) are compared a range of ids at a
+time, so memory stays bounded whatever the count.  Against a blob-server of the Go original (no
 digests, no paging) it falls back to full listings.
 
 Listings (?state=1) name tombstones too, and every blob's and tombstone's
