@@ -865,6 +865,9 @@ class BlobStore:
         for name in os.listdir(self.tmp_fd):
             os.unlink(name, dir_fd=self.tmp_fd)
             removed += 1
+        for name in os.listdir(self.root_fd):
+            if name.startswith(SUMMARIES + ".") and name.endswith(".tmp"):
+                os.unlink(name, dir_fd=self.root_fd)    # a save cut short
         migrated = 0
         with os.scandir(self.root_fd) as it:
             flat = [e.name for e in it if e.is_file(follow_symlinks=False)]
@@ -920,16 +923,20 @@ class BlobStore:
                 d1, d2, mtime, count, size, xor, tombs,
                 "-" if oldest is None else oldest, sidecars)).encode()
             for (d1, d2), (mtime, count, size, xor, tombs, oldest, sidecars) in leaves]
+        # Not in .tmp/, which holds uploads alone; one name per worker, as
+        # every worker saves.  A crash's leftover goes at the next start.
+        name = "%s.%d.tmp" % (SUMMARIES, os.getpid())
         try:
-            name, fd = self._temp()
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o644, dir_fd=self.root_fd)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.writelines(lines)
-                os.rename(name, SUMMARIES, src_dir_fd=self.tmp_fd,
+                os.rename(name, SUMMARIES, src_dir_fd=self.root_fd,
                           dst_dir_fd=self.root_fd)
             except BaseException:
                 with contextlib.suppress(OSError):
-                    os.unlink(name, dir_fd=self.tmp_fd)
+                    os.unlink(name, dir_fd=self.root_fd)
                 raise
         except OSError as e:
             log.warning("cannot save the leaf summaries: %s", e)
