@@ -196,8 +196,9 @@ class Replicator:
 
     def narrow(self, members, bucket):
         """The prefixes to list for a bucket whose digests differ: the
-        leaves whose digests differ (GET /digests?bucket=), or the bucket's
-        own prefix when too many do, or a member can't tell (an older
+        leaves whose digests differ (GET /digests?bucket=), none if they all
+        agree by now (a write landed between the asks), or the bucket's own
+        prefix when too many do, or a member can't tell (an older
         blob-server answers with its buckets)."""
         whole = (bucket.rstrip("-"),)
         leaves = []
@@ -256,7 +257,7 @@ class Replicator:
         buckets = prefixes if prefixes is not None else [None]
         for n, bucket in enumerate(buckets):
             listed = self.narrow(members, bucket) if bucket else ("",)
-            for chunk in self.ranges(members, listed):
+            for chunk in self.ranges(members, listed) if listed else ():
                 if bucket and len(listed[0]) < 2:
                     # A short prefix also lists other buckets.
                     chunk = {m: [e for e in entries if shard(e[0])[0] == bucket]

@@ -210,6 +210,25 @@ def test_digest_shortcut_agrees_with_a_full_comparison(blob_server):
             srv.store = srv.srv.store = store
 
 
+def test_a_differing_bucket_is_listed_by_its_differing_leaves_or_whole(blob_server):
+    a, b = servers(blob_server, 2)
+    rep = replicate.Replicator(sos.Pool(connect_timeout=1, timeout=10), jobs=2)
+    for blob_id in ("aa11", "aa22", "aa33x", "aa33y"):
+        for srv in (a, b):
+            srv.store.put(blob_id, [b"x"])
+    a.store.put("aa44", [b"only on a"])
+    b.store.put("aa33z", [b"only on b"])
+    assert rep.narrow([a.url, b.url], "aa") == ("aa33", "aa44")
+    actions = list(rep.differences([a.url, b.url], ["aa"]))
+    assert [x[:3] for x in actions] == [("aa33z", "copy", a.url), ("aa44", "copy", b.url)]
+    # Every leaf agrees by now (a write landed between the asks): nothing listed.
+    assert rep.narrow([a.url, a.url], "aa") == ()
+    assert list(rep.differences([a.url, a.url], ["aa"])) == []
+    for i in range(replicate.NARROW_MAX + 1):
+        a.store.put("ab%02x" % i, [b"x"])
+    assert rep.narrow([a.url, b.url], "ab") == ("ab",)
+
+
 def write_config(tmp_path, groups):
     text = "".join("[%s]\n%s" % (name, "".join("-: %s\n" % s.url for s in members))
                    for name, members in groups)
