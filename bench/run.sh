@@ -6,7 +6,8 @@
 # server itself.  Knobs (the list and their defaults: bench/bench.py's top):
 # BENCH_ROWS, BENCH_DURATION, BENCH_RUNS, BENCH_IDS, BENCH_SEED,
 # BENCH_CONNECTIONS, BENCH_THREADS, BENCH_BLOBS, BENCH_MISSING_RUNS,
-# BENCH_CACHE, BENCH_OUT, BENCH_BLOB_ARGS, BENCH_SOS_ARGS, BENCH_PROFILE;
+# BENCH_REBALANCE_BLOBS, BENCH_CACHE, BENCH_OUT, BENCH_BLOB_ARGS, BENCH_SOS_ARGS,
+# BENCH_PROFILE;
 # PYTHON picks the interpreter that runs blob.py, sos.py and replicate.py.
 #
 #   make bench                                          # every row, < 15 min
