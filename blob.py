@@ -66,8 +66,8 @@ import threading
 import time
 from http import HTTPStatus
 
-from blobstore import (QUARANTINE_DIR, TMP_DIR, BlobStore, NoSpace,
-                       Tampered, TooLarge)
+from blobstore import QUARANTINE_DIR, TMP_DIR, BlobStore, Tampered, TooLarge
+from diskio import NoSpace
 from rules import (MAX_MANIFEST, VERSION, BadManifest, FilePart, Manifest,
                    Missing, blob_headers, blob_metadata, http_range, valid_id)
 from metrics import Metrics

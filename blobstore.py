@@ -5,10 +5,11 @@ sharded by id prefix (``ab/cd/abcd...``), plus an ``<id>.json`` sidecar when
 X-* headers were sent.  cp, rsync and backup tools just work.  Every write
 streams into ``.tmp/``, is fsynced, renamed into place and its directory
 fsynced before the reply, so a crash at any instant leaves the whole blob or
-nothing.  Ids of 40 or 64 hex digits are SHA-1 / SHA-256 content ids: the body
-is hashed as it streams in and a mismatch is refused, so no corrupt copy is
-ever stored under a content id.  A flat store written by the Go original
-(``<store>/<id>``) is moved into the sharded layout at start-up.
+nothing.  Ids of 40 or 64 hex digits (and chunk ids, ``c`` and 40) commit to
+the SHA-1 / SHA-256 of the bytes, hashed as they stream in: a mismatch is
+refused, so no corrupt copy is ever stored under a content id (a manifest is
+checked by its own rules).  A flat store written by the Go original is moved
+into the sharded layout at start-up.
 
 A delete leaves a tombstone, an empty ``<id>.deleted``, so replicate can tell
 "deleted" from "never had it".  Every write's time (X-Sos-Timestamp, ns since
@@ -16,12 +17,10 @@ the epoch; else this server's clock) is its file's mtime, and the newest write
 of an id wins (last writer wins, as Swift's X-Timestamp).  A sweep removes
 tombstones older than --reclaim-age.
 
-A body of DIRECT_MIN bytes or more is written with O_DIRECT, past the page
-cache (DirectWriter).  Reads never wait on a writer: uploads, deletes and
-reclaim decide under a flock of the id's leaf directory.
-
-blob.py serves a BlobStore over HTTP; the shard rule and the id checks it
-shares with the other programs are in rules.py, its only import of ours.
+Reads never wait on a writer: uploads, deletes and reclaim decide under a
+flock of the id's leaf directory.  blob.py serves a BlobStore over HTTP; the
+rules it shares with the other programs are in rules.py, its file I/O
+(O_DIRECT writes of DIRECT_MIN bytes and up, cached leaf fds) in diskio.py.
 """
 
 import contextlib
@@ -37,7 +36,8 @@ import threading
 import time
 import types
 
-from diskio import DirectWriter, LeafCache, write_all
+from diskio import (SUMMARIES, DirectWriter, LeafCache, NoSpace, load_summaries,
+                    no_space, save_summaries, write_all)
 from rules import (CHUNK, MAX_MANIFEST, MAX_META_BYTES, BadManifest, Corrupt, InvalidId,
                    Manifest, Missing, blob_metadata, compatible, content_hash,
                    content_id, hash_update, shard, valid_id)
@@ -52,15 +52,8 @@ META_CACHE = 8192         # blobs whose metadata (or its absence) is remembered
 NO_META = types.MappingProxyType({})   # no metadata, shared, read-only
 TOMBSTONE = ".deleted"    # <id>.deleted: the id was deleted at the file's mtime
 MANIFEST = "X-Sos-Manifest"   # in a sidecar: the blob is a manifest of this size
-SUMMARIES = ".summaries"  # the leaf summaries, kept across restarts (a cache)
-SUMMARIES_HEAD = b"sos leaf summaries 1\n"
-SUMMARIES_MAX = 64 << 20  # bytes: 65,536 leaves take about 5 MiB
 
 log = logging.getLogger("blobstore")
-
-
-class NoSpace(Exception):
-    """The disk is full, or writing would eat into the reserve."""
 
 
 class TooLarge(Exception):
@@ -69,17 +62,6 @@ class TooLarge(Exception):
 
 class Tampered(Exception):
     """A shard directory of the store is not a directory (a planted link)."""
-
-
-@contextlib.contextmanager
-def no_space():
-    """A full disk (or quota) in the block raises NoSpace."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise NoSpace("disk full") from None
-        raise
 
 
 class BlobStore:
@@ -471,11 +453,10 @@ class BlobStore:
             return True, removed, ts
 
     def remove_moved(self, blob_id, timestamp):
-        """Remove blob_id's blob or tombstone if it was written at
-        `timestamp`, leaving no tombstone: what a move does in the group the
-        id leaves, once its placement group holds it.  A newer write (an
-        upload or a delete since the copy) stays.  Returns (removed, the
-        timestamp of what is there now, None if nothing)."""
+        """Remove blob_id's blob or tombstone if written at `timestamp`,
+        leaving no tombstone: a move's removal in the group the id left (or a
+        collection's).  A newer write (an upload or a delete since) stays.
+        Returns (removed, the timestamp of what is there now or None)."""
         try:
             with self._leaf(blob_id, lock=True) as leaf:
                 old, tomb = self._settle(leaf, blob_id)
@@ -493,12 +474,10 @@ class BlobStore:
 
     def deleted_at(self, blob_id):
         """The timestamp of blob_id's tombstone, None if it has none."""
-        try:
-            with self._leaf(blob_id) as leaf:
-                tomb = self._stat_in(leaf, blob_id + TOMBSTONE)
-        except Missing:
-            return None
-        return tomb and tomb.st_mtime_ns
+        with contextlib.suppress(Missing), self._leaf(blob_id) as leaf:
+            tomb = self._stat_in(leaf, blob_id + TOMBSTONE)
+            return tomb and tomb.st_mtime_ns
+        return None
 
     def _settle(self, leaf, blob_id):
         """blob_id's (blob stat, tombstone stat), at most one of them set:
@@ -713,10 +692,8 @@ class BlobStore:
                         return
 
     def manifests(self, after=None, limit=None):
-        """Yield (id, timestamp) of the manifests (live ones: no newer
-        tombstone), in ascending id order, > after.  Only leaves whose
-        (cached) summary counts a blob with a sidecar are read, and only
-        those blobs' sidecars."""
+        """Yield (id, timestamp) of the live manifests, in id order, > after;
+        only leaves whose (cached) summary counts a sidecar are read."""
         start = shard(after) if after else None
         for d1, d2 in self.leaves(lambda d1: not start or d1 >= start[0]):
             if start and (d1, d2) < start or not self._leaf_summary(d1, d2)[5]:
@@ -904,65 +881,18 @@ class BlobStore:
             self._warming.set()
         self.save_summaries()
 
-    # A restart used to read every file of the store again (a stat and a
-    # SHA-1 per id: 8 s for a million blobs, in each worker) before it could
-    # answer /digests.  The summaries are saved instead, and an entry is
-    # trusted on the same terms as in memory: only while its leaf's mtime is
-    # the one it was computed at (every create, rename and unlink in a leaf
-    # moves it), and never for a leaf changed within RACY_SECONDS of the
-    # computation.  So a stale, lost or torn file costs time, never a wrong
-    # digest, and it needs no fsync.
-
     def save_summaries(self):
-        """Write the leaf summaries known now to SUMMARIES, replacing it
-        atomically; an OSError (a full disk) is logged, not raised."""
+        """Write the leaf summaries known now (diskio.save_summaries)."""
         with self._leaves_lock:
             leaves = sorted(self._leaves.items())
-        lines = [SUMMARIES_HEAD] + [
-            ("%s%s %d %d %d %x %d %s %d\n" % (
-                d1, d2, mtime, count, size, xor, tombs,
-                "-" if oldest is None else oldest, sidecars)).encode()
-            for (d1, d2), (mtime, count, size, xor, tombs, oldest, sidecars) in leaves]
-        # Not in .tmp/, which holds uploads alone; one name per worker, as
-        # every worker saves.  A crash's leftover goes at the next start.
-        name = "%s.%d.tmp" % (SUMMARIES, os.getpid())
         try:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o644, dir_fd=self.root_fd)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.writelines(lines)
-                os.rename(name, SUMMARIES, src_dir_fd=self.root_fd,
-                          dst_dir_fd=self.root_fd)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(name, dir_fd=self.root_fd)
-                raise
+            save_summaries(self.root_fd, leaves)
         except OSError as e:
             log.warning("cannot save the leaf summaries: %s", e)
 
     def load_summaries(self):
-        """Take the summaries of SUMMARIES for leaves not summarised yet;
-        returns how many.  A missing or unreadable file counts as empty."""
-        try:
-            fd = os.open(SUMMARIES, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         dir_fd=self.root_fd)
-        except OSError:
-            return 0
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(SUMMARIES_MAX + 1)
-        if not data.startswith(SUMMARIES_HEAD) or len(data) > SUMMARIES_MAX:
-            return 0
-        loaded = {}
-        for line in data[len(SUMMARIES_HEAD):].splitlines():
-            try:
-                leaf, mtime, count, size, xor, tombs, oldest, sidecars = \
-                    line.decode().split()
-                loaded[(leaf[:2], leaf[2:])] = (
-                    int(mtime), int(count), int(size), int(xor, 16), int(tombs),
-                    None if oldest == "-" else int(oldest), int(sidecars))
-            except ValueError:
-                continue              # a torn line: that leaf is read again
+        """Take the saved summaries of leaves not summarised yet: how many."""
+        loaded = load_summaries(self.root_fd)
         with self._leaves_lock:
             for key, value in loaded.items():
                 self._leaves.setdefault(key, value)

@@ -1,8 +1,10 @@
-"""diskio: two pieces of file I/O the store is built on, kept apart so
-blobstore.py reads as the store's rules: a cache of open leaf directories,
-and a writer that sends large bodies past the page cache with O_DIRECT.
+"""diskio: the file I/O the store is built on, kept apart so blobstore.py
+reads as the store's rules: a full disk as one exception, a cache of open
+leaf directories, a writer that sends large bodies past the page cache with
+O_DIRECT, and the leaf summaries kept across restarts.
 """
 
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -10,6 +12,24 @@ import os
 import threading
 
 DIRECT_BLOCK = 1024 * 1024      # O_DIRECT writes go in blocks of this size
+SUMMARIES = ".summaries"  # the leaf summaries, kept across restarts (a cache)
+SUMMARIES_HEAD = b"sos leaf summaries 1\n"
+SUMMARIES_MAX = 64 << 20  # bytes: 65,536 leaves take about 5 MiB
+
+
+class NoSpace(Exception):
+    """The disk is full, or writing would eat into the reserve."""
+
+
+@contextlib.contextmanager
+def no_space():
+    """A full disk (or quota) in the block raises NoSpace."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace("disk full") from None
+        raise
 
 
 class LeafCache:
@@ -126,3 +146,61 @@ class DirectWriter:
     def close(self):
         self.view.release()
         self.buffer.close()
+
+
+# --- The leaf summaries, kept across restarts (a cache) ------------------------
+
+# A restart used to read every file of the store again (a stat and a SHA-1
+# per id: 8 s for a million blobs, in each worker) before it could answer
+# /digests.  The summaries are saved instead, and an entry is trusted on the
+# same terms as in memory: only while its leaf's mtime is the one it was
+# computed at (every create, rename and unlink in a leaf moves it), and never
+# for a leaf changed within RACY_SECONDS of the computation.  So a stale, lost
+# or torn file costs time, never a wrong digest, and it needs no fsync.
+
+def save_summaries(root_fd, leaves):
+    """Write [((d1, d2), (mtime, count, size, xor, tombstones, oldest,
+    sidecars))] to SUMMARIES in the store, replacing it atomically.  Not in
+    .tmp/, which holds uploads alone; one temp name per worker, as every
+    worker saves; a crash's leftover goes at the next start."""
+    lines = [SUMMARIES_HEAD] + [
+        ("%s%s %d %d %d %x %d %s %d\n" % (
+            d1, d2, mtime, count, size, xor, tombs,
+            "-" if oldest is None else oldest, sidecars)).encode()
+        for (d1, d2), (mtime, count, size, xor, tombs, oldest, sidecars) in leaves]
+    name = "%s.%d.tmp" % (SUMMARIES, os.getpid())
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, 0o644, dir_fd=root_fd)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.writelines(lines)
+        os.rename(name, SUMMARIES, src_dir_fd=root_fd, dst_dir_fd=root_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=root_fd)
+        raise
+
+
+def load_summaries(root_fd):
+    """{(d1, d2): summary} from SUMMARIES; a missing or unreadable file
+    counts as empty, a torn line as absent (that leaf is read again)."""
+    try:
+        fd = os.open(SUMMARIES, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=root_fd)
+    except OSError:
+        return {}
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(SUMMARIES_MAX + 1)
+    if not data.startswith(SUMMARIES_HEAD) or len(data) > SUMMARIES_MAX:
+        return {}
+    loaded = {}
+    for line in data[len(SUMMARIES_HEAD):].splitlines():
+        try:
+            leaf, mtime, count, size, xor, tombs, oldest, sidecars = \
+                line.decode().split()
+            loaded[(leaf[:2], leaf[2:])] = (
+                int(mtime), int(count), int(size), int(xor, 16), int(tombs),
+                None if oldest == "-" else int(oldest), int(sidecars))
+        except ValueError:
+            continue
+    return loaded

@@ -514,7 +514,7 @@ def test_scrub_finds_rotten_chunks_and_manifests_and_repairs_them_in_the_same_ru
         with open(member.path(i), "rb") as f:
             data = f.read()
         try:
-            good = sha1(data) == i[1:] if i.startswith("c") else \
+            good = sha1(data) == i[1:] if rules.CHUNK_ID.fullmatch(i) else \
                 rules.Manifest.decode(data, i).id == i
         except rules.BadManifest:
             good = False
