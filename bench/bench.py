@@ -1679,6 +1679,10 @@ class Bench:
                 knobs.append((name, value))
         if ROWS != ALL_ROWS:
             knobs.append(("BENCH_ROWS", ",".join(ROWS)))
+        if "chunk_1g" in ROWS and CHUNK_SIZES:
+            knobs.append(("BENCH_CHUNK_SIZES", ",".join(CHUNK_SIZES)))
+        if "chunk_10g" in ROWS and BIG_GIB != 10:
+            knobs.append(("BENCH_BIG_GIB", BIG_GIB))
         for name, args in (("BENCH_BLOB_ARGS", BLOB_ARGS), ("BENCH_SOS_ARGS", SOS_ARGS)):
             if args:
                 knobs.append((name, shlex.join(args)))
