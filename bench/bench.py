@@ -768,7 +768,8 @@ class Bench:
         for svc in svcs:
             path = os.path.join(d, "%s-%s-%s.txt" % (stamp, tag, svc.name))
             spies.append((path, subprocess.Popen(
-                ["py-spy", "record", "--pid", str(svc.pid), "--format", "raw",
+                ["py-spy", "record", "--pid", str(svc.pid), "--subprocesses",
+                 "--format", "raw",
                  "--duration", str(DURATION), "--rate", "200", "--nonblocking",
                  "--gil", "--output", path], stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL)))
