@@ -27,6 +27,7 @@ MANIFEST_VERSION = 1
 MAX_MANIFEST = 1 << 20    # bytes: some 16,000 chunks
 PAD = "-"                 # pads short ids in shard names; sorts before [a-z0-9]
 CHUNK = 256 * 1024
+BYTES = (bytes, bytearray, memoryview)   # a body held in memory
 HASH_KEEPS_GIL = 16 * 1024   # hash_update: hashed in 2 KiB pieces up to this
 
 # Metadata: X-* headers stored with a blob.  Proxy and our own headers are not.

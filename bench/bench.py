@@ -20,6 +20,12 @@ Knobs (environment; `make bench` passes them through):
                           p99 while it moves vs while it is stopped (SIGSTOP)
         rebalance_fetch   after that rebalance, sos-server fetch 4 KiB of the
                           moved ids vs a cluster never resized (same blobs)
+        chunk_1g          1 GiB upload and verified fetch, chunked (the default
+                          --chunk-size, and each of BENCH_CHUNK_SIZES) vs
+                          --chunk-size 0; a 4 KiB range in the middle vs a
+                          4 KiB object (issue 21)
+        chunk_10g         BENCH_BIG_GIB GiB upload and fetch through a
+                          --spool-dir of 1 GiB (a tmpfs; needs root)
     BENCH_DURATION=10     seconds per wrk run
     BENCH_RUNS=3          runs per measurement, ours and the yardstick in turn;
                           medians reported
@@ -35,6 +41,11 @@ Knobs (environment; `make bench` passes them through):
                           should leave the repo alone: BENCH_OUT=/tmp/bench.md)
     BENCH_BLOB_ARGS=...   extra flags for every blob.py    (default: none, the
     BENCH_SOS_ARGS=...    extra flags for every sos.py      servers' defaults)
+    BENCH_CHUNK_SIZES=    chunk sizes chunk_1g also measures, beside the
+                          default (e.g. 4M,16M,32M); each its own pair of
+                          blob-servers, all runs alternating
+    BENCH_BIG_GIB=10      size of chunk_10g's upload (scaled down, and said
+                          so, if the disk can't hold 2 copies)
     BENCH_PROFILE=1       after measuring blob_get_4k, sos_upload_4k,
                           sos_fetch_4k, the 1 GiB rows and replicate, one more
                           run under py-spy; collapsed stacks in
@@ -108,10 +119,12 @@ sys.path.insert(0, HERE)
 import mkstore  # noqa: E402
 sys.path.insert(0, REPO)
 from cluster import load_groups, placement  # noqa: E402
+from sos import DEFAULT_CHUNK_SIZE, parse_size  # noqa: E402
 
 ALL_ROWS = ["blob_get_4k", "blob_get_4k_w1", "blob_get_100m", "sos_fetch_4k",
             "sos_upload_4k", "sos_upload_1g", "sos_fetch_1g", "sos_groups",
-            "blob_list", "replicate", "rebalance", "rebalance_fetch"]
+            "blob_list", "replicate", "rebalance", "rebalance_fetch", "chunk_1g",
+            "chunk_10g"]
 
 PYTHON = os.environ.get("PYTHON") or sys.executable
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
@@ -131,6 +144,10 @@ PROFILE = os.environ.get("BENCH_PROFILE", "") not in ("", "0")
 # Servers as a user starts them: no flags of ours beyond ports and stores.
 BLOB_ARGS = shlex.split(os.environ.get("BENCH_BLOB_ARGS", ""))
 SOS_ARGS = shlex.split(os.environ.get("BENCH_SOS_ARGS", ""))
+CHUNK_SIZES = [c.strip() for c in os.environ.get("BENCH_CHUNK_SIZES", "").split(",")
+               if c.strip()]
+BIG_GIB = int(os.environ.get("BENCH_BIG_GIB", "10"))
+RANGE_DURATION = 5                # seconds of each one-connection range run
 
 FILES = {"4k": 4096, "100m": 100 << 20, "1g": 1 << 30}
 SMALL = 4096                      # bytes of each of the IDS random-GET blobs
@@ -542,13 +559,13 @@ class Bench:
         svc.url = url
         return svc
 
-    def sos_server(self, name, members=None, config=None, copies=2):
+    def sos_server(self, name, members=None, config=None, copies=2, args=()):
         """Start `python3 sos.py` on port 0 for blob-servers `members` (one
         group) or a --config file; sets .up and .down base URLs."""
         argv = [PYTHON, "sos.py", "--api-host", "127.0.0.1", "--upload-port", "0",
                 "--download-port", "0", "--admin-port", "0", "--copies", str(copies)]
         argv += ["--config", config] if config else ["--blob-server", ",".join(members)]
-        argv += SOS_ARGS
+        argv += SOS_ARGS + list(args)
         svc, [(up,), (down,)] = self.start(name, argv, r"upload service\s+(\S+)/upload",
                                            r"download service\s+(\S+)/fetch")
         svc.up, svc.down = up, down
@@ -653,11 +670,14 @@ class Bench:
     # Clients.
 
     def wrk(self, url, servers, script=None, script_args=(), row=None,
-            duration=DURATION):
+            connections=WRK_CONNECTIONS, threads=WRK_THREADS, duration=DURATION,
+            headers=()):
         """One wrk run against url; servers: the services whose CPU it costs.
         Returns a Load; wrk's errors go to the row's notes."""
-        argv = ["wrk", "-t%d" % WRK_THREADS, "-c%d" % WRK_CONNECTIONS,
+        argv = ["wrk", "-t%d" % threads, "-c%d" % connections,
                 "-d%ds" % duration, "--latency", "--timeout", "10s"]
+        for h in headers:
+            argv += ["-H", h]
         if script:
             argv += ["-s", os.path.join(HERE, script), url, "--"] + list(script_args)
         else:
@@ -748,7 +768,8 @@ class Bench:
         for svc in svcs:
             path = os.path.join(d, "%s-%s-%s.txt" % (stamp, tag, svc.name))
             spies.append((path, subprocess.Popen(
-                ["py-spy", "record", "--pid", str(svc.pid), "--format", "raw",
+                ["py-spy", "record", "--pid", str(svc.pid), "--subprocesses",
+                 "--format", "raw",
                  "--duration", str(DURATION), "--rate", "200", "--nonblocking",
                  "--gil", "--output", path], stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL)))
@@ -1401,6 +1422,211 @@ class Bench:
             if status != 200 or body != mkstore.blob_body(i, SMALL):
                 raise RuntimeError("GET %s%s: %s, %d bytes" % (base, ids[i], status,
                                                                len(body)))
+    # --- Chunked objects (issue 21) -------------------------------------------
+
+    def bigbody(self, args, servers, timeout=3600):
+        """bench/bigbody.py as the client: a Load (MB/s) with its JSON line
+        as .answer and the servers' CPU over the run."""
+        before = [s.ticks() for s in servers]
+        res = run([PYTHON, os.path.join(HERE, "bigbody.py")] + args, timeout=timeout)
+        ticks = [s.ticks() - b for s, b in zip(servers, before)]
+        res.check()
+        answer = json.loads(res.out.strip().splitlines()[-1])
+        if answer["status"] != 200:
+            raise RuntimeError("bigbody %s: %s" % (shlex.join(args), answer))
+        load = Load(res, answer["size"] / answer["seconds"] / MB, 1, servers, ticks)
+        load.answer = answer
+        return load
+
+    def chunk_setup(self, label, args):
+        """A sos-server with args and a pair of blob-servers of its own (an
+        object's id is a manifest on one and a whole blob on another)."""
+        b1 = self.blob_server("blob-%s-1" % label)
+        b2 = self.blob_server("blob-%s-2" % label)
+        s = self.sos_server("sos-%s" % label, [b1.url, b2.url], args=args)
+        return {"label": label, "svcs": [s, b1, b2], "s": s, "args": args}
+
+    @staticmethod
+    def chunk_bytes(size):
+        return parse_size(size or DEFAULT_CHUNK_SIZE)
+
+    def row_chunk_1g(self):
+        """1 GiB upload and verified fetch, chunked vs --chunk-size 0, and a
+        4 KiB range in the middle of it vs a 4 KiB object, for the default
+        chunk size and each of CHUNK_SIZES; every run alternating."""
+        plain = self.chunk_setup("unchunked", ["--chunk-size", "0"])
+        chunked = [self.chunk_setup("chunked-default", [])]
+        chunked += [self.chunk_setup("chunked-" + c, ["--chunk-size", c])
+                    for c in CHUNK_SIZES if c != DEFAULT_CHUNK_SIZE]
+        setups = [plain] + chunked
+        every = [svc for x in setups for svc in x["svcs"]]
+        settle(every)
+        path = self.files["1g"]
+
+        def up(x):
+            return lambda: self.bigbody(["upload", x["s"].up + "/upload", path],
+                                        x["svcs"])
+        res = self.alternate({x["label"]: up(x) for x in setups})
+        for x in setups:
+            a = res[x["label"]][-1].answer["answer"]
+            if a.get("id") != self.ids["1g"] or a.get("copies") != 2:
+                raise RuntimeError("%s: upload answered %s" % (x["label"], a))
+        self.profile("chunk_upload_1g", chunked[0]["svcs"], up(chunked[0]))
+        for x in chunked:
+            loads = res[x["label"]]
+            size = self.chunk_bytes(x["args"][1] if x["args"] else None)
+            mbs = median(l.value for l in loads)
+            tail = median(l.answer["tail"] for l in loads)
+            worth = 2 * size / (mbs * MB)
+            chunks = loads[-1].answer["answer"].get("chunks")
+            self.record(
+                "chunk_upload_1g" + ("" if not x["args"] else " " + x["args"][1]),
+                "1 GiB upload (bench/bigbody.py: sendfile, Content-Length) through "
+                "sos-server %s (%s chunks) vs --chunk-size 0 (spooled whole), "
+                "group of 2, 2 copies" % (shlex.join(x["args"]) or "default flags"
+                                          + " (--chunk-size %s)" % DEFAULT_CHUNK_SIZE,
+                                          chunks),
+                loads, "MB/s", res["unchunked"], "--chunk-size 0",
+                target="≥ 1.3; last byte → reply ≤ 2 chunks' transfer",
+                met=lambda ratio, cpu: ratio >= 1.3 and tail <= worth,
+                services=x["svcs"], base_services=plain["svcs"],
+                commands=[x["s"].command, shlex.join(loads[0].res.argv)],
+                notes=["client's last byte → reply: %.2f s [%s] (2 chunks' worth at "
+                       "this rate: %.2f s); --chunk-size 0: %.2f s [%s]" % (
+                           tail, " ".join("%.2f" % l.answer["tail"] for l in loads),
+                           worth, median(l.answer["tail"] for l in res["unchunked"]),
+                           " ".join("%.2f" % l.answer["tail"]
+                                    for l in res["unchunked"]))])
+
+        # Verified fetch: whole and right once each (hashed by the client),
+        # then timed with curl, alternating.
+        urls = {x["label"]: "%s/fetch/%s" % (x["s"].down, self.ids["1g"]) for x in setups}
+        for x in setups:
+            got = self.bigbody(["fetch", urls[x["label"]]], x["svcs"]).answer
+            if got["sha1"] != self.ids["1g"] or got["size"] != FILES["1g"]:
+                raise RuntimeError("%s: fetch gave %s" % (x["label"], got))
+        res = self.alternate({x["label"]: (lambda x: lambda: self.curl(
+            urls[x["label"]], x["svcs"]))(x) for x in setups})
+        self.profile("chunk_fetch_1g", chunked[0]["svcs"],
+                     lambda: self.curl(urls[chunked[0]["label"]]))
+        for x in chunked:
+            self.record(
+                "chunk_fetch_1g" + ("" if not x["args"] else " " + x["args"][1]),
+                "1 GiB fetch (curl; verified: every chunk whole, the whole against "
+                "the id) from sos-server %s vs --chunk-size 0 (hashed while "
+                "streaming)" % (shlex.join(x["args"]) or "default flags"),
+                res[x["label"]], "MB/s", res["unchunked"], "--chunk-size 0",
+                target="≥ 1.0", met=lambda ratio, cpu: ratio >= 1.0,
+                services=x["svcs"], base_services=plain["svcs"],
+                commands=[shlex.join(res[x["label"]][0].res.argv)],
+                notes=["checked once before the timed runs: bench/bigbody.py fetch "
+                       "hashed all %d bytes to the id" % FILES["1g"]])
+
+        # A 4 KiB range in the middle, one connection (latency, not load),
+        # against a whole 4 KiB object's fetch from the same sos-server.
+        mid = FILES["1g"] // 2
+        rng = "Range: bytes=%d-%d" % (mid, mid + 4095)
+        self.upload(chunked[0]["s"].up, "4k")
+        small_url = "%s/fetch/%s" % (chunked[0]["s"].down, self.ids["4k"])
+        for x in setups:
+            status, body = request(urls[x["label"]], headers={rng.split(": ")[0]:
+                                                              rng.split(": ")[1]})
+            with open(path, "rb") as f:
+                want = os.pread(f.fileno(), 4096, mid)
+            if status != 206 or body != want:
+                raise RuntimeError("%s: range gave %s, %d bytes" % (
+                    x["label"], status, len(body)))
+        one = dict(connections=1, threads=1, duration=RANGE_DURATION)
+
+        def lat(url, svcs, headers=()):
+            def go():
+                load = self.wrk(url, svcs, headers=headers, **one)
+                load.value = load.latency[0]
+                return load
+            return go
+        named = {"4k": lat(small_url, chunked[0]["svcs"])}
+        named.update({x["label"]: lat(urls[x["label"]], x["svcs"], [rng])
+                      for x in setups})
+        res = self.alternate(named)
+        for x in setups:
+            loads = res[x["label"]]
+            self.record(
+                "chunk_range_4k" + ("" if not x["args"] else " " + x["args"][1]),
+                "4 KiB range (bytes=%d-%d) of the 1 GiB object from sos-server %s "
+                "vs a whole 4 KiB object's fetch; wrk -t1 -c1 -d%ds: p50 ms"
+                % (mid, mid + 4095, shlex.join(x["args"]) or "default flags",
+                   RANGE_DURATION), loads, "ms", res["4k"], "4 KiB object",
+                target="— (report)", services=x["svcs"],
+                commands=[shlex.join(loads[0].res.argv)],
+                notes=["--chunk-size 0: the range is asked of one member and passed "
+                       "through unverified" if x is plain else
+                       "the range's chunk is read whole and verified before its "
+                       "bytes go out"] + ["requests in the runs: %s (range) vs %s "
+                                          "(4 KiB object)" % (
+                                              [l.requests for l in loads],
+                                              [l.requests for l in res["4k"]])])
+        self.stop(*every)
+
+    def row_chunk_10g(self):
+        """BIG_GIB GiB upload through a --spool-dir of 1 GiB (a tmpfs), at
+        the default --chunk-size, and its fetch hashed whole; peak RSS of
+        every process."""
+        if os.getuid() != 0:
+            self.notes.append("chunk_10g: skipped (mounting the 1 GiB spool "
+                              "tmpfs needs root)")
+            return
+        gib = BIG_GIB
+        st = os.statvfs(self.tmp)
+        free = st.f_bavail * st.f_frsize >> 30
+        if free < 2 * gib + 4:
+            gib = max(1, (free - 4) // 2)
+        spool = os.path.join(self.tmp, "spool")
+        os.makedirs(spool)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g", "tmpfs", spool],
+                       check=True)
+        try:
+            x = self.chunk_setup("big", ["--spool-dir", spool, "--max-upload",
+                                         "%dG" % (gib + 1)])
+            settle(x["svcs"])
+            spool_free = shutil.disk_usage(spool).free
+            up = self.bigbody(["upload", x["s"].up + "/upload", self.files["1g"],
+                               "--times", str(gib)], x["svcs"])
+            a = up.answer
+            fetch = self.bigbody(["fetch", "%s/fetch/%s" % (x["s"].down,
+                                                            a["answer"].get("id"))],
+                                 x["svcs"])
+            f = fetch.answer
+            whole = a["answer"].get("id") == a["sha1"] == f["sha1"] and \
+                f["size"] == a["size"] == gib << 30
+            rss = [(n, k or 0) for svc in x["svcs"] for n, k in svc.rss()]
+            top = max(k for _, k in rss)
+            clients = max(up.res.maxrss or 0, fetch.res.maxrss or 0)
+            ok = whole and top <= 128 * 1024
+            scaled = "" if gib == BIG_GIB else (
+                " (scaled down from %d GiB: %d GiB free for 2 copies)" % (BIG_GIB, free))
+            self.record(
+                "chunk_10g", "%d GiB upload%s (bench/bigbody.py --times %d: the 1 GiB "
+                "file %d times, every 1 MiB block numbered) through sos-server "
+                "--spool-dir on a 1 GiB tmpfs, default --chunk-size, 2 copies; then "
+                "its fetch, hashed whole; yardstick: the fetch"
+                % (gib, scaled, gib, gib), [up], "MB/s", [fetch], "fetch",
+                target="200; fetch whole; every process ≤ 128 MiB",
+                met=lambda ratio, cpu: ok, services=x["svcs"],
+                commands=[x["s"].command, shlex.join(up.res.argv),
+                          shlex.join(fetch.res.argv)],
+                notes=["upload: %d, %.0f s, answer %s; last byte → reply %.2f s" % (
+                           a["status"], a["seconds"], json.dumps(a["answer"]), a["tail"]),
+                       "fetch: %d, %.0f s, %d bytes, SHA-1 %s the id (%s)" % (
+                           f["status"], f["seconds"], f["size"],
+                           "=" if whole else "**≠**", f["sha1"]),
+                       "spool free before: %.0f MiB; after: %.0f MiB" % (
+                           spool_free / 2**20, shutil.disk_usage(spool).free / 2**20),
+                       "peak RSS by process (MiB): " + ", ".join(
+                           "%s %s" % (n, mib(k)) for n, k in rss)
+                       + "; the client %s" % mib(clients)])
+            self.stop(*x["svcs"])
+        finally:
+            subprocess.run(["umount", spool])
 
     def put_blob(self, url, name):
         with open(self.files[name], "rb") as f:
@@ -1454,6 +1680,10 @@ class Bench:
                 knobs.append((name, value))
         if ROWS != ALL_ROWS:
             knobs.append(("BENCH_ROWS", ",".join(ROWS)))
+        if "chunk_1g" in ROWS and CHUNK_SIZES:
+            knobs.append(("BENCH_CHUNK_SIZES", ",".join(CHUNK_SIZES)))
+        if "chunk_10g" in ROWS and BIG_GIB != 10:
+            knobs.append(("BENCH_BIG_GIB", BIG_GIB))
         for name, args in (("BENCH_BLOB_ARGS", BLOB_ARGS), ("BENCH_SOS_ARGS", SOS_ARGS)):
             if args:
                 knobs.append((name, shlex.join(args)))
