@@ -51,8 +51,8 @@ import sys
 import tempfile
 from http import HTTPStatus
 
-from cluster import (ConfigError, Cluster, Unavailable, add_cluster_args,
-                     load_groups)
+from blobs import Unavailable
+from cluster import ConfigError, Cluster, add_cluster_args, load_groups
 from rules import (VERSION, Corrupt, InvalidId, blob_headers, blob_metadata,
                    hash_update, http_range, precondition, valid_id)
 from metrics import Metrics
