@@ -337,50 +337,105 @@ class Replicator:
                 if reply.status != HTTPStatus.OK:
                     log.warning("%s: %s answered %d", blob_id, source, reply.status)
                     continue
-                headers = blob_metadata(reply.headers.items())
-                # The copy keeps the time of its write, and a manifest stays
-                # one (its receiver checks it by its own rules).
-                for name in ("X-Sos-Timestamp", "X-Sos-Manifest"):
-                    if reply.headers.get(name):
-                        headers[name] = reply.headers.get(name)
-                length = reply.headers.get("Content-Length")
-                if length is not None:
-                    headers["Content-Length"] = length
-                else:
-                    headers["Transfer-Encoding"] = "chunked"
-                if length is not None and int(length) <= SMALL_COPY:
+                headers, length = self._copy_headers(reply)
+                if length is not None and length <= SMALL_COPY:
                     # As bytes it can go on a kept-alive connection; a stream
                     # takes a new one (a connect and a server thread a copy).
                     body = reply.read()
                 else:
                     body = iter(lambda: reply.read(CHUNK), b"")
-                if length is None:
-                    body = chunked(body)
-                out = self.pool.request(target, "POST", "/blob/" + blob_id,
-                                        body, headers)
-                answer = out.read()
-                out.close()
+                    if length is None:
+                        body = chunked(body)
+                done = self._answer(blob_id, source, target, length, lambda: self.pool
+                                    .request(target, "POST", "/blob/" + blob_id, body,
+                                             headers))
             except (OSError, http.client.HTTPException, ValueError) as e:
-                log.warning("%s: copy %s -> %s failed: %s", blob_id, source,
-                            target, e)
+                log.warning("%s: copy %s -> %s failed: %s", blob_id, source, target, e)
                 continue
             finally:
                 reply.close()
-            if out.status == HTTPStatus.OK and b'"superseded"' in answer:
-                # A delete newer than this copy reached the target meanwhile.
-                log.info("%s: %s holds a newer delete", blob_id, target)
-                return "superseded", 0
-            if out.status == HTTPStatus.OK:
-                log.info("copied %s %s -> %s", blob_id, source, target)
-                return "copied", int(length or 0)
-            if out.status == HTTPStatus.UNPROCESSABLE_ENTITY:
-                log.error("CORRUPT copy of %s on %s: refused by %s; run "
-                          "replicate --scrub to quarantine and repair it",
-                          blob_id, source, target)
-                self.progress.add(corrupt=1)
-            else:
-                log.warning("%s: %s refused the copy: %d %s", blob_id, target,
-                            out.status, answer[:200])
+            if done:
+                return done
+        return None
+
+    def transfer_all(self, blob_id, holders, targets):
+        """transfer() to each of targets: [result per target].  A blob of
+        SMALL_COPY bytes or less is read once and sent to them all at once
+        (a move's targets are a whole group: reading it once per member was
+        half of a move's reads); a larger one, or a target that failed,
+        goes through transfer()."""
+        results = [None] * len(targets)
+        for source in holders[:1]:
+            try:
+                reply = self.pool.request(source, "GET", "/blob/" + blob_id)
+            except (OSError, http.client.HTTPException):
+                break
+            try:
+                headers, length = self._copy_headers(reply)
+                if reply.status == HTTPStatus.OK and length is not None \
+                        and length <= SMALL_COPY:
+                    body = reply.read()
+                    sent = [self._post(t, blob_id, body, headers) for t in targets]
+                    results = [exchange and self._answer(blob_id, source, t, length,
+                                                         exchange.reply)
+                               for t, exchange in zip(targets, sent)]
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                log.warning("%s: copy from %s failed: %s", blob_id, source, e)
+            finally:
+                reply.close()
+        return [done or self.transfer(blob_id, holders, t)
+                for done, t in zip(results, targets)]
+
+    def _post(self, target, blob_id, body, headers):
+        """Send a copy without waiting for its answer: an Exchange, or None
+        if target can't be reached (transfer() tries it again)."""
+        try:
+            return self.pool.send(target, "POST", "/blob/" + blob_id, body, headers)
+        except (OSError, http.client.HTTPException) as e:
+            log.warning("%s: copy to %s failed: %s", blob_id, target, e)
+            return None
+
+    @staticmethod
+    def _copy_headers(reply):
+        """The copy's request headers, from the holder's reply: its X-*
+        metadata, the time of its write, its length; and that length."""
+        headers = blob_metadata(reply.headers.items())
+        # The copy keeps the time of its write, and a manifest stays one
+        # (its receiver checks it by its own rules).
+        for name in ("X-Sos-Timestamp", "X-Sos-Manifest"):
+            if reply.headers.get(name):
+                headers[name] = reply.headers.get(name)
+        length = reply.headers.get("Content-Length")
+        if length is not None:
+            headers["Content-Length"] = length
+        else:
+            headers["Transfer-Encoding"] = "chunked"
+        return headers, None if length is None else int(length)
+
+    def _answer(self, blob_id, source, target, length, send):
+        """What target said to a copy (send() gives its reply): as transfer()."""
+        try:
+            out = send()
+            answer = out.read()
+            out.close()
+        except (OSError, http.client.HTTPException) as e:
+            log.warning("%s: copy %s -> %s failed: %s", blob_id, source, target, e)
+            return None
+        if out.status == HTTPStatus.OK and b'"superseded"' in answer:
+            # A delete newer than this copy reached the target meanwhile.
+            log.info("%s: %s holds a newer delete", blob_id, target)
+            return "superseded", 0
+        if out.status == HTTPStatus.OK:
+            log.info("copied %s %s -> %s", blob_id, source, target)
+            return "copied", length or 0
+        if out.status == HTTPStatus.UNPROCESSABLE_ENTITY:
+            log.error("CORRUPT copy of %s on %s: refused by %s; run "
+                      "replicate --scrub to quarantine and repair it",
+                      blob_id, source, target)
+            self.progress.add(corrupt=1)
+        else:
+            log.warning("%s: %s refused the copy: %d %s", blob_id, target,
+                        out.status, answer[:200])
         return None
 
     def delete(self, blob_id, ts, target):
@@ -629,7 +684,7 @@ class Mover:
         else:
             holders = sorted((m for m in states if not states[m][1]),
                              key=lambda m: -states[m][0])
-            done = [self.rep.transfer(blob_id, holders, m) for m in members]
+            done = self.rep.transfer_all(blob_id, holders, members)
             held = all(done)
             size = max((d[1] for d in done if d), default=0)
         if not held:
