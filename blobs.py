@@ -162,18 +162,25 @@ class StoredBlob(Blob):
             self.reply = None
 
 
-def chunk_buffer(size):
+def chunk_buffer(size, populate=False):
     """A writable buffer of size zero bytes (a memoryview), given back to
     the system as soon as the last view of it is dropped: an anonymous map,
     not the heap.  A bytearray of a chunk cost a memset holding the GIL
     (60% of a chunked fetch's GIL-holding samples), and freed ones stayed
-    in the allocator's per-thread arenas (sos-server grew to 184 MiB).  Its
-    pages are mapped at once (MAP_POPULATE), without the GIL: faulted in
-    one by one they cost 0.32 s of CPU per GiB, populated 0.18 s."""
+    in the allocator's per-thread arenas (sos-server grew to 184 MiB).
+
+    With populate its pages are mapped at once (MAP_POPULATE), without the
+    GIL: faulted in one by one they cost 0.32 s of CPU per GiB, populated
+    0.18 s.  Only for bytes already on their way (a chunk read from a
+    blob-server): an upload's buffer is filled at the client's pace, and a
+    populated one let 100 clients that sent 7 bytes of a 10 MiB body hold
+    800 MiB (fault row 14)."""
     if not size:
         return memoryview(bytearray())
-    return memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                                | getattr(mmap, "MAP_POPULATE", 0)))
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    if populate:
+        flags |= getattr(mmap, "MAP_POPULATE", 0)
+    return memoryview(mmap.mmap(-1, size, flags=flags))
 
 
 class ChunkedBlob(Blob):

@@ -576,7 +576,7 @@ class Cluster:
                 if reply.left and reply.left > 0:
                     # Straight into one buffer: read() joined 256 KiB pieces
                     # (three copies of each byte, holding the GIL).
-                    data = chunk_buffer(reply.left)
+                    data = chunk_buffer(reply.left, populate=True)
                     if reply.readinto(data) != len(data):
                         raise http.client.IncompleteRead(b"")
                 else:
