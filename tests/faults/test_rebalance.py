@@ -34,7 +34,8 @@ from . import kit
 from .kit import scaled
 
 from cluster import Group, placement
-from replicate import Mover, Replicator
+from rebalance import Mover
+from replicate import Replicator
 from upstream import Pool
 
 TOKEN = "fault-suite-rebalance-token"
