@@ -69,7 +69,8 @@ from http import HTTPStatus
 from blobstore import QUARANTINE_DIR, TMP_DIR, BlobStore, Tampered, TooLarge
 from diskio import NoSpace
 from rules import (MAX_MANIFEST, VERSION, BadManifest, FilePart, Manifest,
-                   Missing, blob_headers, blob_metadata, http_range, valid_id)
+                   Missing, blob_headers, blob_metadata, http_range, number,
+                   valid_id)
 from metrics import Metrics
 from httpd import HTTPError, Handler, Server
 from process import (ArgumentParser, add_server_args, parse_age, parse_size,
@@ -155,8 +156,7 @@ class BlobHandler(Handler):
             raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "a manifest "
                             "needs a Content-Length of at most %d" % MAX_MANIFEST)
         data = b"".join(body)
-        if not (size.isascii() and size.isdigit()) or \
-                Manifest.decode(data, self.rest).size != int(size):
+        if number(size) is None or Manifest.decode(data, self.rest).size != number(size):
             raise HTTPError(HTTPStatus.BAD_REQUEST, "X-Sos-Manifest: the "
                             "object's size, as its manifest says")
         return data
@@ -174,9 +174,9 @@ class BlobHandler(Handler):
     def remove_moved(self, moved):
         """?moved=<ts>: the id moved to its placement group; remove its
         blob or tombstone only if written at ts, and leave no tombstone."""
-        if not (moved.isascii() and moved.isdigit()):
+        if number(moved) is None:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "bad moved=: nanoseconds since the epoch")
-        removed, ts = self.server.store.remove_moved(self.rest, int(moved))
+        removed, ts = self.server.store.remove_moved(self.rest, number(moved))
         self.send_json(HTTPStatus.OK, {"id": self.rest, "timestamp": ts,
                                        "status": "removed" if removed else "kept"})
 
@@ -185,17 +185,18 @@ class BlobHandler(Handler):
         value = self.headers.get("x-sos-timestamp")
         if value is None:
             return None
-        if not (value.isascii() and value.isdigit() and int(value) < 1 << 63):
+        ts = number(value)
+        if ts is None:
             raise HTTPError(HTTPStatus.BAD_REQUEST,
                             "bad X-Sos-Timestamp: nanoseconds since the epoch")
         # A write from the future would win over every later delete of the
         # id until then: refused beyond the clock skew we tolerate.
-        ahead = (int(value) - time.time_ns()) / 1e9
+        ahead = (ts - time.time_ns()) / 1e9
         if ahead > MAX_CLOCK_AHEAD:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "X-Sos-Timestamp is %.0f s "
                             "ahead of this server's clock (at most %d s allowed)"
                             % (ahead, MAX_CLOCK_AHEAD))
-        return int(value)
+        return ts
 
     def do_list(self):
         p = self.params()

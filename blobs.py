@@ -238,7 +238,7 @@ class ChunkedBlob(Blob):
             data = self.pending.popleft().result()
         if hashed:
             hashed.result()
-        if whole and whole.hexdigest() != self.id:
+        if whole is not None and whole.hexdigest() != self.id:
             self.cluster.corrupt("CORRUPT object %s: its chunks are right, but "
                                  "not its whole", self.id)
             raise Corrupt("%s: the chunks' bytes don't hash to the id" % self.id)

@@ -40,7 +40,7 @@ from diskio import (SUMMARIES, DirectWriter, LeafCache, NoSpace, load_summaries,
                     no_space, save_summaries, write_all)
 from rules import (CHUNK, MAX_MANIFEST, MAX_META_BYTES, BadManifest, Corrupt, InvalidId,
                    Manifest, Missing, blob_metadata, compatible, content_hash,
-                   content_id, hash_update, shard, valid_id)
+                   content_id, hash_update, number, shard, valid_id)
 
 TMP_DIR = ".tmp"
 QUARANTINE_DIR = ".quarantine"
@@ -271,7 +271,7 @@ class BlobStore:
                 log.warning("ignoring unreadable metadata of %s", blob_id)
                 return {}
         # Ours, not an uploader's: blob_metadata leaves X-Sos-* out.
-        if isinstance(manifest, str) and manifest.isdigit():
+        if number(manifest) is not None:
             meta[MANIFEST] = manifest
         return meta
 

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from blobs import CHUNKS_AHEAD, ChunkedBlob, StoredBlob, Unavailable, chunk_buffer
 from rules import (BYTES, CHUNK, VERSION, BadManifest, FilePart, InvalidId,
                    Manifest, Missing, blob_metadata, content_hash, content_id,
-                   hash_update, valid_id)
+                   hash_update, number, valid_id)
 from upstream import Pool
 
 CONFIG_FILES = ("/etc/sos.conf", "~/.sos.conf")
@@ -356,7 +356,7 @@ class Cluster:
         bytes) only once every chunk has its copies: an upload that fails
         or dies half-way leaves no object, only chunks that replicate
         collects after --gc-grace.  Raises Unavailable."""
-        whole, size = hashlib.sha1(), 0
+        hasher, size = hashlib.sha1(), 0
         buf, n = chunk_buffer(chunk_size), 0    # the chunk being filled
         stored, pending = [], collections.deque()
 
@@ -366,7 +366,7 @@ class Cluster:
                 stored.append(pending.popleft().result())
         try:
             for data in body:
-                hash_update(whole, data)
+                hash_update(hasher, data)
                 size += len(data)
                 view = memoryview(data)
                 while view:
@@ -376,20 +376,20 @@ class Cluster:
                     take = min(len(view), chunk_size - n)
                     buf[n:n + take] = view[:take]
                     n, view = n + take, view[take:]
-            if not pending:                     # at most chunk_size: whole
-                return whole.hexdigest(), size, self.store(
-                    bytes(buf[:n]), size, whole.hexdigest(), meta), 0
+            if not (pending or stored):         # at most chunk_size: whole
+                blob_id = hasher.hexdigest()
+                return blob_id, size, self.store(bytes(buf[:n]), size, blob_id, meta), 0
             send(buf[:n])
             stored += [f.result() for f in pending]
         finally:
             for f in pending:
                 f.cancel()
+        blob_id = hasher.hexdigest()
         chunks = [(chunk_id, length) for chunk_id, length, _ in stored]
-        manifest = Manifest(whole.hexdigest(), size, chunk_size, chunks).encode()
-        copies = self.store(manifest, len(manifest), whole.hexdigest(),
+        manifest = Manifest(blob_id, size, chunk_size, chunks).encode()
+        copies = self.store(manifest, len(manifest), blob_id,
                             dict(meta, **{MANIFEST: str(size)}))
-        return whole.hexdigest(), size, min([copies] + [c for _, _, c in stored]), \
-            len(chunks)
+        return blob_id, size, min([copies] + [c for _, _, c in stored]), len(chunks)
 
     def _store_chunk(self, piece):
         """Store one chunk (bytes-like, left unchanged): (id, size, copies).
@@ -613,12 +613,14 @@ class Cluster:
                     continue
                 log.debug("fetch of %s from %s: %d", blob_id, member, reply.status)
                 if reply.status == HTTPStatus.NOT_FOUND:
-                    deleted = max(deleted, number(reply.headers.get("X-Sos-Deleted")))
+                    when = number(reply.headers.get("X-Sos-Deleted"))
+                    deleted = deleted if when is None else max(deleted, when)
                     reply.read()
                     reply.close()
                     continue
+                # A copy of no known time counts as written at time 0.
                 if deleted >= 0 and \
-                        number(reply.headers.get("X-Sos-Timestamp")) <= deleted:
+                        (number(reply.headers.get("X-Sos-Timestamp")) or 0) <= deleted:
                     log.info("fetch of %s: %s holds a copy older than its delete",
                              blob_id, member)
                     reply.close()
@@ -646,8 +648,7 @@ class Cluster:
         if manifest is not None:
             return self._manifest(blob_id, member, reply, body, manifest, meta)
         length = reply.headers.get("Content-Length", "")
-        blob = StoredBlob(self, blob_id, int(length) if length.isdigit() else None,
-                          meta, member, reply)
+        blob = StoredBlob(self, blob_id, number(length), meta, member, reply)
         if not body:
             blob.close()
             return blob
@@ -680,23 +681,18 @@ class Cluster:
             reply.close()
         try:
             manifest = data and Manifest.decode(data, blob_id)
-            if not size.isdigit() or manifest and manifest.size != int(size):
+            if number(size) is None or manifest and manifest.size != number(size):
                 raise BadManifest("X-Sos-Manifest %r" % size)
         except BadManifest as e:
             self.corrupt("CORRUPT manifest of %s on %s: %s; trying another",
                          blob_id, member, e)
             return None
-        return ChunkedBlob(self, blob_id, int(size), meta, manifest)
+        return ChunkedBlob(self, blob_id, number(size), meta, manifest)
 
     def corrupt(self, *message):
         """A copy whose bytes don't hash to its id: counted and logged."""
         self.count("corrupt")
         log.error(*message)
-
-
-def number(text, default=-1):
-    """An integer header value, default if absent or not one."""
-    return int(text) if text and text.isascii() and text.isdigit() else default
 
 
 def add_cluster_args(parser):

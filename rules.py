@@ -19,6 +19,7 @@ VERSION = "1.0.0"
 
 ID_RE = re.compile(r"[a-z0-9]{1,128}")
 HEX_RE = re.compile(r"[0-9a-f]+")
+NUMBER = re.compile(r"[0-9]{1,19}")
 RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 CONTENT_HASHES = {40: hashlib.sha1, 64: hashlib.sha256}
 # A chunk of a large object: "c" and the SHA-1 of the chunk's bytes.
@@ -87,6 +88,15 @@ def content_hash(blob_id):
         return hashlib.sha1
     ctor = CONTENT_HASHES.get(len(blob_id))
     return ctor if ctor and HEX_RE.fullmatch(blob_id) else None
+
+
+def number(text):
+    """The count in text, as our headers and query values carry sizes and
+    timestamps (ASCII digits, below 2**63), else None.  str.isdigit alone
+    takes "²", which int() then refuses."""
+    if isinstance(text, str) and NUMBER.fullmatch(text) and int(text) < 1 << 63:
+        return int(text)
+    return None
 
 
 def content_id(blob_id):

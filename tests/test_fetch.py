@@ -5,10 +5,14 @@ and the HTTP server's error mapping, which every program shares."""
 import logging
 import os
 
+import pytest
+
 import httpd
 import rules
 import sos
-from support import InProcessServer, blob_path, get_json, request
+from cluster import Group
+from support import (InProcessServer, InProcessSos, blob_path, canned_server, get_json,
+                     request, sha1)
 
 
 def first_asked(c, blob_id):
@@ -60,6 +64,29 @@ def test_cluster_fetch_hands_over_a_blob_that_reads_its_own_ranges(make_cluster)
     blob = c.cluster.fetch(blob_id)
     with blob:
         assert (blob.size, blob.etag, b"".join(blob.read(1, 3))) == (5, blob_id, b"ize")
+
+
+@pytest.mark.parametrize("header", [b"X-Sos-Manifest: \xb2", b"X-Sos-Manifest: 12x"])
+def test_a_manifest_size_that_is_no_number_is_a_bad_copy_not_a_500(header):
+    """A blob-server whose reply says it holds a manifest of "²" bytes
+    ("²".isdigit() is true, int("²") fails): a bad copy, so 503 when it is
+    the only one, never a 500 or a crash."""
+    blob_id = sha1(b"x")
+    reply = (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n%s\r\n"
+             b"Connection: close\r\n\r\n{}" % header)
+    with canned_server(reply) as port:
+        front = InProcessSos([Group("g", ["http://127.0.0.1:%d" % port])])
+        try:
+            status, body = get_json(front.down.url + "/fetch/" + blob_id)
+        finally:
+            front.stop()
+    assert status == 503 and "could not ask" in body["error"]
+
+
+def test_timestamps_and_sizes_are_ascii_digits_only():
+    assert [rules.number(t) for t in ("0", "123", "\xb2", "12x", "", None, "9" * 20,
+                                     str(1 << 63), str((1 << 63) - 1))] == [
+        0, 123, None, None, None, None, None, None, (1 << 63) - 1]
 
 
 class Failing(httpd.Handler):
